@@ -1,0 +1,1 @@
+"""Datasets: PanNuke (official folds or converted PNG layout) and UniToPatho."""

@@ -1,0 +1,243 @@
+"""PanNuke: the official fold release (memory-mapped) and the converted PNG layout.
+
+Official layout (as unzipped from fold_1.zip ... fold_3.zip):
+    D/Fold k/images/foldk/images.npy   (N, 256, 256, 3) float64, 0..255
+    D/Fold k/images/foldk/types.npy    (N,) tissue names
+    D/Fold k/masks/foldk/masks.npy     (N, 256, 256, 6) float64 (see dataset/masks.py)
+Converted layout (the original project's):
+    D/{train,test}/data/<name>.png  with  D/{train,test}/masks/<name>.npy of shape (H, W, 6)
+
+Items are (labels, image): a (H, W) uint8 class map and a (3, H, W) uint8 image.
+train_utils.prepare_batch turns them into the one-hot mask and a [-1, 1] image on
+the training device, which keeps worker-to-GPU traffic small.
+"""
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset.masks import NUM_CLASSES, pannuke_to_labels
+from utils import UserError
+
+TISSUES = ("Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon", "Esophagus", "HeadNeck",
+           "Kidney", "Liver", "Lung", "Ovarian", "Pancreatic", "Prostate", "Skin", "Stomach", "Testis",
+           "Thyroid", "Uterus")
+
+
+def joint_augmentation():
+    """Flips and 90-degree rotations (all 8 symmetries of the square), applied to
+    image and mask together; nucleus masks have no preferred orientation."""
+    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)])
+
+
+class SeededAugmentation:
+    """Apply an albumentations pipeline with a seed chosen per item.
+
+    The sampler hands each item an explicit seed derived from (run seed, epoch,
+    index), so an item's augmentation does not depend on worker count, process
+    count, or whether the run was resumed: resumed and uninterrupted runs match.
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, image, labels, seed):
+        if seed is None:
+            return image, labels
+        self.transform.set_random_seed(int(seed))
+        out = self.transform(image=image, mask=labels)
+        return np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["mask"])
+
+
+def split_item(item):
+    """Samplers in train_utils yield (index, seed); plain indexing gives just an index."""
+    if isinstance(item, tuple):
+        return item
+    return item, None
+
+
+def to_item(image, labels):
+    image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(labels)), image
+
+
+def fold_paths(data_dir, k):
+    root = Path(data_dir) / f"Fold {k}"
+    return {"images": root / "images" / f"fold{k}" / "images.npy",
+            "types": root / "images" / f"fold{k}" / "types.npy",
+            "masks": root / "masks" / f"fold{k}" / "masks.npy"}
+
+
+def _load_npy(path, mmap=True):
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def open_fold(data_dir, k):
+    """Memory-map one official fold, checking files, shapes and dtypes."""
+    paths = fold_paths(data_dir, k)
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise UserError(f"PanNuke fold {k} is incomplete under {data_dir}: missing {', '.join(missing)} "
+                        f"(expected the official layout 'Fold {k}/images/fold{k}/images.npy', "
+                        f"'Fold {k}/images/fold{k}/types.npy', 'Fold {k}/masks/fold{k}/masks.npy')")
+    images = _load_npy(paths["images"])
+    masks = _load_npy(paths["masks"])
+    types = _load_npy(paths["types"], mmap=False)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise UserError(f"{paths['images']}: expected shape (N, H, W, 3), got {images.shape}")
+    if masks.ndim != 4 or masks.shape[-1] != NUM_CLASSES:
+        raise UserError(f"{paths['masks']}: expected shape (N, H, W, 6), got {masks.shape}")
+    if masks.shape[:3] != images.shape[:3]:
+        raise UserError(f"{paths['masks']}: shape {masks.shape} does not match images {images.shape}")
+    if types.shape != (images.shape[0],):
+        raise UserError(f"{paths['types']}: expected shape ({images.shape[0]},), got {types.shape}")
+    for name, arr in (("images", images), ("masks", masks)):
+        if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+            raise UserError(f"{paths[name]}: expected a numeric array (float64 in the release), got dtype {arr.dtype}")
+    if not (types.dtype.kind in "US"):
+        raise UserError(f"{paths['types']}: expected tissue names (strings), got dtype {types.dtype}")
+    return images, masks, types.astype(str)
+
+
+def select_tissue(types, tissue, where):
+    if tissue.lower() == "all":
+        return np.arange(len(types))
+    keep = np.flatnonzero(np.char.lower(types) == tissue.lower())
+    if len(keep) == 0:
+        found = sorted(set(types.tolist()))
+        raise UserError(f"no patches of tissue {tissue!r} in {where}; tissues present: {', '.join(found)} "
+                        f"(or 'all')")
+    return keep
+
+
+class PanNukeFolds(torch.utils.data.Dataset):
+    """Patches of the chosen tissue from the chosen official folds, memory-mapped."""
+
+    def __init__(self, data_dir, folds, tissue="Colon", augment=False):
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise UserError(f"PanNuke data directory not found: {data_dir}")
+        self.folds, self.index, self.names = [], [], []
+        for k in folds:
+            images, masks, types = open_fold(data_dir, k)
+            keep = select_tissue(types, tissue, f"{data_dir}/Fold {k}")
+            self.index += [(len(self.folds), int(i)) for i in keep]
+            self.names += [f"fold{k}_{int(i):05d}" for i in keep]
+            self.folds.append((images, masks))
+        self.augment = SeededAugmentation(joint_augmentation()) if augment else None
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, item):
+        index, seed = split_item(item)
+        fold, i = self.index[index]
+        images, masks = self.folds[fold]
+        image = np.clip(np.asarray(images[i]), 0, 255).astype(np.uint8)
+        labels = pannuke_to_labels(masks[i])
+        if self.augment:
+            image, labels = self.augment(image, labels, seed)
+        return to_item(image, labels)
+
+
+class PanNukeConverted(torch.utils.data.Dataset):
+    """The converted layout: split/data/<name>.png with split/masks/<name>.npy (H, W, 6)."""
+
+    def __init__(self, data_dir, split, augment=False):
+        root = Path(data_dir) / split
+        images_dir, masks_dir = root / "data", root / "masks"
+        if not images_dir.is_dir() or not masks_dir.is_dir():
+            raise UserError(f"converted PanNuke split not found: expected {images_dir} and {masks_dir}")
+        self.images = sorted(images_dir.glob("*.png"))
+        if not self.images:
+            raise UserError(f"no PNG images in {images_dir}")
+        missing = [str(masks_dir / (p.stem + ".npy")) for p in self.images if not (masks_dir / (p.stem + ".npy")).is_file()]
+        if missing:
+            raise UserError(f"{len(missing)} mask(s) missing in {masks_dir}, e.g. {missing[0]}")
+        self.masks = [masks_dir / (p.stem + ".npy") for p in self.images]
+        self.names = [p.stem for p in self.images]
+        self.augment = SeededAugmentation(joint_augmentation()) if augment else None
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, seed = split_item(item)
+        image = read_rgb(self.images[index])
+        mask = _load_npy(self.masks[index], mmap=False)
+        if mask.ndim != 3 or mask.shape[2] != NUM_CLASSES or mask.shape[:2] != image.shape[:2]:
+            raise UserError(f"{self.masks[index]}: expected shape {image.shape[:2] + (NUM_CLASSES,)} "
+                            f"to match {self.images[index].name}, got {mask.shape}")
+        labels = pannuke_to_labels(mask)
+        if self.augment:
+            image, labels = self.augment(image, labels, seed)
+        return to_item(image, labels)
+
+
+def read_rgb(path):
+    """Decode an image file to (H, W, 3) uint8, with a clear error for broken files."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"cannot decode image {path}: {exc}") from None
+
+
+def is_converted_layout(data_dir):
+    return (Path(data_dir) / "train" / "data").is_dir()
+
+
+def build_pannuke(data_dir, folds, tissue, augment, split):
+    """Official folds when present; the converted layout's `split` otherwise."""
+    if is_converted_layout(data_dir) and not (Path(data_dir) / "Fold 1").exists():
+        return PanNukeConverted(data_dir, split, augment=augment)
+    return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment)
+
+
+def write_demo_folds(root, patches_per_fold=(16, 16, 8), size=256, seed=0):
+    """Write a small dataset in the official fold layout from real tissue shipped in
+    scikit-image (an IHC-stained colon section), so the demo needs no download.
+
+    Nuclei come from colour deconvolution: hematoxylin-rich blobs become instances;
+    DAB-positive (brown) nuclei are labelled Neoplastic, the rest Epithelial or
+    Inflammatory by size. Good enough to show the model learning mask -> tissue.
+    """
+    from scipy import ndimage
+    from skimage import color, data, filters, measure, morphology
+
+    rng = np.random.default_rng(seed)
+    tissue = data.immunohistochemistry()  # (512, 512, 3) uint8
+    hed = color.rgb2hed(tissue)
+    hema = filters.gaussian(hed[..., 0], sigma=1.0)
+    nuclei = morphology.remove_small_objects(hema > filters.threshold_otsu(hema), max_size=20)
+    nuclei = ndimage.binary_opening(nuclei, iterations=1)
+    instances = measure.label(nuclei)
+    dab = hed[..., 2]
+    dab_cut = filters.threshold_otsu(dab)
+    mask = np.zeros(tissue.shape[:2] + (NUM_CLASSES,), dtype=np.float64)
+    for region in measure.regionprops(instances, intensity_image=dab):
+        cls = 0 if region.intensity_mean > dab_cut else (1 if region.area < 60 else 4)
+        rr, cc = region.coords[:, 0], region.coords[:, 1]
+        mask[rr, cc, cls] = region.label
+    mask[..., 5] = (mask[..., :5].sum(-1) == 0)
+
+    root = Path(root)
+    for k, count in enumerate(patches_per_fold, start=1):
+        images, masks = [], []
+        for _ in range(count):
+            y, x = rng.integers(0, tissue.shape[0] - size + 1), rng.integers(0, tissue.shape[1] - size + 1)
+            turns = int(rng.integers(4))
+            images.append(np.rot90(tissue[y:y + size, x:x + size], turns).astype(np.float64))
+            masks.append(np.rot90(mask[y:y + size, x:x + size], turns))
+        paths = fold_paths(root, k)
+        for p in paths.values():
+            p.parent.mkdir(parents=True, exist_ok=True)
+        np.save(paths["images"], np.stack(images))
+        np.save(paths["masks"], np.stack(masks))
+        np.save(paths["types"], np.array(["Colon"] * count))
+    return root

@@ -1,0 +1,151 @@
+"""Small helpers shared by every entry point: clean user-facing errors, atomic
+checkpoint files, RNG state capture, wandb mode resolution, and figures."""
+import contextlib
+import functools
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A problem with the user's input (path, file, option). Printed as one line, exit 2."""
+
+
+def _user_message(exc):
+    # DataLoader workers re-raise exceptions as `type(exc)(formatted traceback)`;
+    # the user's message is the text after the last "UserError: ".
+    text = str(exc)
+    marker = "UserError: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip()
+
+
+def run_main(main):
+    """Run `main()` turning UserError into a single `error: ...` line and exit code 2."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as exc:
+            print(f"error: {_user_message(exc)}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        except RuntimeError as exc:
+            # A worker-side UserError can surface wrapped in a RuntimeError.
+            if "UserError: " in str(exc):
+                print(f"error: {_user_message(exc)}", file=sys.stderr, flush=True)
+                sys.exit(2)
+            raise
+    return wrapper
+
+
+def atomic_torch_save(obj, path):
+    """Write `obj` to `path` via a temp file in the same folder + rename, so a crash
+    mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def safe_torch_load(path, what="checkpoint"):
+    """Load a checkpoint with weights_only=True (no arbitrary code), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt/foreign files
+        text = str(exc).strip()
+        if "Weights only load failed" in text:
+            reason = "not a PyTorch checkpoint, or it holds objects that are unsafe to load (weights_only=True)"
+        else:
+            reason = text.splitlines()[0] if text else type(exc).__name__
+        raise UserError(f"cannot read {what} {path}: {reason}") from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """All RNG states as tensors/ints only, so the checkpoint loads with weights_only=True."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def wandb_has_credentials():
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(mode):
+    """'auto' means online when an account is configured (env key or `wandb login`), else offline."""
+    if mode == "auto":
+        return "online" if wandb_has_credentials() else "offline"
+    return mode
+
+
+def save_loss_plot(history, path, title="Training losses"):
+    """Per-epoch mean losses, one line per loss, written atomically as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    epochs = [h["epoch"] for h in history]
+    keys = [k for k in history[0] if k != "epoch"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
