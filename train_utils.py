@@ -150,7 +150,11 @@ def make_loader(dataset, batch_size, workers, device, sampler=None, generator=No
 
 
 def prepare_batch(labels, image, device, channels_last=True):
-    """uint8 class map + uint8 image from the loader -> one-hot mask and [-1, 1] image on device."""
+    """uint8 class map + uint8 image from the loader -> one-hot mask and [-1, 1] image on device.
+
+    Items holding several crops, (B, K, H, W) and (B, K, 3, H, W), become a batch of B*K."""
+    labels = labels.reshape(-1, *labels.shape[-2:])
+    image = image.reshape(-1, *image.shape[-3:])
     labels = labels.to(device, non_blocking=True)
     image = image.to(device, non_blocking=True)
     mask = labels_to_onehot(labels)
