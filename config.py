@@ -39,7 +39,7 @@ WANDB_PROJECT = "he-pix2pix"
 DIST_TIMEOUT_MINUTES = 30
 
 # `--demo`: small enough to train in about two minutes on 2 CPU cores.
-DEMO_OVERRIDES = dict(epochs=12, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
+DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
                       train_folds=[1, 2], test_folds=[3], tissue="Colon", save_every=0)
 
 
@@ -165,6 +165,8 @@ def test_parser():
     p.add_argument("--test-folds", type=int, nargs="+", default=list(TEST_FOLDS), help="PanNuke folds to generate")
     p.add_argument("--tissue", default=TISSUE, help="PanNuke tissue, or 'all'")
     p.add_argument("--masks-dir", default=UTP_MASKS_DIR, help="UniToPatho masks root")
+    p.add_argument("--split", default="test", choices=["test", "train"],
+                   help="UniToPatho split to synthesise (train: extra training data for classify_utp.py)")
     p.add_argument("--out-dir", required=True, help="where synthetic images go")
     p.add_argument("--norm-mode", default="eval", choices=["eval", "train"],
                    help="eval: running BatchNorm statistics, no dropout (deterministic, independent of tiling "

@@ -139,7 +139,8 @@ class SeededSampler(torch.utils.data.DistributedSampler):
         return iter([(i, int(seeds[i])) for i in indices])
 
     def __len__(self):
-        return super().__len__() - self.skip
+        # skip = batches done x batch size can pass the end when the last batch was partial.
+        return max(0, super().__len__() - self.skip)
 
 
 def make_loader(dataset, batch_size, workers, device, sampler=None, generator=None):
@@ -359,10 +360,19 @@ class StopRequest:
     """SIGTERM/SIGINT (e.g. SLURM preemption, Ctrl-C) ask the loop to save and stop at
     the next step boundary instead of dying mid-write."""
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {}
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:  # a second signal: give up at once
@@ -375,12 +385,13 @@ def run_training(args, build_datasets, require_distributed=False):
     items are (labels uint8 (H, W), image uint8 (3, H, W))."""
     info, device = setup_distributed(args.device, args.dist_timeout, require=require_distributed)
     try:
-        _train(args, build_datasets, info, device)
+        with StopRequest() as stop:
+            _train(args, build_datasets, info, device, stop)
     finally:
         cleanup_distributed()
 
 
-def _train(args, build_datasets, info, device):
+def _train(args, build_datasets, info, device, stop):
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     precision = resolve_precision(args.precision, device)
@@ -423,6 +434,9 @@ def _train(args, build_datasets, info, device):
     if resume is not None:
         opt_g.load_state_dict(resume["opt_g"])
         opt_d.load_state_dict(resume["opt_d"])
+        # load_state_dict brings back the saved lr; use this run's (--lr, --scale-lr x world size).
+        for group in (*opt_g.param_groups, *opt_d.param_groups):
+            group["lr"] = lr
         scaler_g.load_state_dict(resume["scaler_g"])
         scaler_d.load_state_dict(resume["scaler_d"])
         start_epoch, skip_batches = resume["epoch"], resume["batches_done"]
@@ -462,7 +476,6 @@ def _train(args, build_datasets, info, device):
         f"{args.batch_size * info.world_size} effective, lr {lr:g}, {workers} loader worker(s)")
     run = init_wandb(args, out_dir, run_id) if info.is_main else None
     step_cfg = step_config_from_args(args, autocast)
-    stop = StopRequest()
 
     def checkpoint_state(epoch, batches_done, sums):
         rng = get_rng_state()
@@ -499,6 +512,7 @@ def _train(args, build_datasets, info, device):
         batches_done = skip_batches
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main,
                    dynamic_ncols=True, initial=skip_batches, total=skip_batches + len(loader))
+        epoch_batches = skip_batches + len(loader)  # not bar.initial: a disabled tqdm (ranks > 0) lacks it
         skip_batches = 0
         for labels, image in bar:
             mask, real = prepare_batch(labels, image, device, args.channels_last)
@@ -507,7 +521,7 @@ def _train(args, build_datasets, info, device):
             sums[3] += 1
             step += 1
             batches_done += 1
-            if step % args.log_every == 0 or batches_done == len(loader) + bar.initial:
+            if step % args.log_every == 0 or batches_done == epoch_batches:
                 # The only host-device sync in the loop, once every --log-every steps.
                 flags = torch.tensor([float(stop.requested)], device=device)
                 reduced = torch.cat([sums, flags])

@@ -1,0 +1,85 @@
+"""Generate an image of any size from its class map with a U-Net that needs sides
+divisible by 256 (eight stride-2 downsamplings).
+
+whole: reflect-pad the map to a multiple of 256, one forward pass, crop back (the
+    original project's way; memory grows with the image).
+tiled: overlapping 256 x 256 tiles, batched, blended with a window that ramps as
+    sin^2 over the overlap, so neighbouring weights sum to one and seams vanish;
+    memory per pass is bounded by the batch of tiles.
+
+`forward(mask, seeds)` maps a one-hot (N, 6, 256k, 256k) batch to (N, 3, ...) in
+[-1, 1]; `seeds` (one per input) lets train-mode normalisation be reproducible.
+"""
+import math
+
+import numpy as np
+import torch
+
+from dataset.masks import labels_to_onehot
+from generator_model import SIZE_MULTIPLE
+from utils import UserError
+
+
+def reflect_pad(labels, height, width):
+    """Pad an (H, W) map to (height, width), split evenly between the sides."""
+    top, left = (height - labels.shape[0]) // 2, (width - labels.shape[1]) // 2
+    pad = ((top, height - labels.shape[0] - top), (left, width - labels.shape[1] - left))
+    return np.pad(labels, pad, mode="reflect"), top, left
+
+
+def to_mask(labels, device, channels_last):
+    mask = labels_to_onehot(torch.from_numpy(np.ascontiguousarray(labels)).to(device))
+    return mask.contiguous(memory_format=torch.channels_last) if channels_last else mask
+
+
+def generate_whole(forward, labels, device, seed=0, channels_last=True):
+    """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), in one pass."""
+    h, w = labels.shape
+    padded, top, left = reflect_pad(labels, math.ceil(h / SIZE_MULTIPLE) * SIZE_MULTIPLE,
+                                    math.ceil(w / SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    fake = forward(to_mask(padded[None], device, channels_last), [seed])[0]
+    return fake[:, top:top + h, left:left + w].float().cpu()
+
+
+def tile_starts(length, tile, stride):
+    """Tile origins along one side: every `stride`, plus one flush with the far edge."""
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)
+    return starts
+
+
+def blend_window(tile, overlap):
+    """(tile, tile) weights: 1 in the middle, sin^2 ramps over `overlap` px at each edge
+    (never 0, so pixels that only one tile covers keep that tile's value)."""
+    ramp = torch.ones(tile)
+    if overlap:
+        rise = torch.sin(math.pi / 2 * (torch.arange(overlap) + 0.5) / overlap) ** 2
+        ramp[:overlap] = rise
+        ramp[-overlap:] = torch.minimum(ramp[-overlap:], rise.flip(0))
+    return ramp[:, None] * ramp[None, :]
+
+
+def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, channels_last=True,
+                   tile=SIZE_MULTIPLE):
+    """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), from
+    overlapping tiles blended by `blend_window`."""
+    if not 0 <= overlap < tile:
+        raise UserError(f"--tile-overlap must be in [0, {tile}), got {overlap}")
+    h, w = labels.shape
+    # Maps smaller than a tile are reflect-padded up to one.
+    padded, top, left = reflect_pad(labels, max(h, tile), max(w, tile))
+    ph, pw = padded.shape
+    origins = [(y, x) for y in tile_starts(ph, tile, tile - overlap) for x in tile_starts(pw, tile, tile - overlap)]
+    window = blend_window(tile, overlap).to(device)
+    total = torch.zeros(3, ph, pw, device=device)
+    weight = torch.zeros(ph, pw, device=device)
+    for start in range(0, len(origins), batch_size):
+        batch = origins[start:start + batch_size]
+        crops = np.stack([padded[y:y + tile, x:x + tile] for y, x in batch])
+        # Tile seeds differ from each other and from other images' (seed * 10^6 + tile).
+        fake = forward(to_mask(crops, device, channels_last), [seed * 1_000_000 + start + i for i in range(len(batch))])
+        for (y, x), f in zip(batch, fake):
+            total[:, y:y + tile, x:x + tile] += f.float() * window
+            weight[y:y + tile, x:x + tile] += window
+    return (total / weight)[:, top:top + h, left:left + w].cpu()
