@@ -87,7 +87,7 @@ def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size):
             grids_left -= 1
         bar.update(len(batch))
     bar.close()
-    return len(mine)
+    return len(dataset)
 
 
 def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_size):
@@ -126,7 +126,7 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
             save_png(triplet_grid(torch.from_numpy(labels[crop])[None], real[None], fake[:, crop[0], crop[1]][None]),
                      out_dir / "grids" / f"grid_{i:04d}.png")
             grids_left -= 1
-    return len(mine)
+    return len(split)
 
 
 @run_main
@@ -147,8 +147,8 @@ def main(argv=None):
             count = generate_unitopatho(args, generator, ckpt, device, autocast, info.rank, info.world_size)
         barrier()
         if info.is_main:
-            print(f"wrote synthetic images for {count} {'(this rank) ' if info.distributed else ''}"
-                  f"test samples to {args.out_dir}")
+            shared = f" ({info.world_size} processes, each wrote its share)" if info.distributed else ""
+            print(f"synthetic images for {count} samples are in {args.out_dir}{shared}")
     finally:
         cleanup_distributed()
 

@@ -375,7 +375,9 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second signal: give up at once
+        # A second Ctrl-C gives up at once; a repeated SIGTERM (SLURM and torchrun can
+        # both send one) must not cut short the save the first one asked for.
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
 
