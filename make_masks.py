@@ -1,0 +1,127 @@
+r"""Write nucleus masks for UniToPatho with a segmenter from train_segmenter.py.
+
+    python make_masks.py --checkpoint runs/segmenter/checkpoints/last.pt \
+        --data-dir data/unitopatho/800 --out-dir data/unitopatho_masks
+    python make_masks.py ... --stain-normalize --out-dir data/unitopatho_masks_torchstain
+    torchrun --nproc_per_node=8 make_masks.py ...   # process r segments masks r, r + 8, ... of those missing
+
+Output: one RGB PNG per image in the PanNuke palette (dataset/masks.py), with the
+image's file name and size, under OUT/training/masks/ (train.csv) and
+OUT/test/masks/ (test.csv): the --masks-dir layout train_utp.py and test.py read.
+Masks already there are skipped (--overwrite redoes them) and each is written
+atomically, so an interrupted run continues where it stopped.
+
+Magnification: the segmenter learnt PanNuke at 40x (--model-mpp 0.25 um/px);
+UniToPatho is 20x (--source-mpp 0.4415 um/px). Each image is resampled by
+source/model (1812 px -> 3200 px, bilinear) so nuclei have the size the model
+knows, segmented in overlapping --tile px tiles blended with a smooth window
+(segmenter.predict_probs), and the class probabilities are resampled back to the
+image's size before the argmax. Pass other values for other scanners.
+
+--stain-normalize: Macenko normalisation (torchstain, numpy backend) of each image
+before segmenting, towards --reference IMG when given, else torchstain's built-in
+reference stain vectors and concentrations (see segmenter.StainNormalizer). An
+image with almost no stained tissue is segmented as it is.
+"""
+import argparse
+import os
+
+import torch
+from tqdm import tqdm
+
+import config
+from dataset.masks import labels_to_rgb
+from dataset.pannuke import read_rgb
+from dataset.unitopatho import SPLITS, UniToPatho
+from dataset.unitopatho_mask import masks_folder
+from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
+from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, make_loader,
+                         maybe_compile, resolve_precision, save_png, setup_distributed)
+from utils import UserError, run_main
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="segmenter checkpoint from train_segmenter.py")
+    p.add_argument("--data-dir", default=config.UTP_DIR,
+                   help="UniToPatho '800' folder (train.csv, test.csv, class folders)")
+    p.add_argument("--out-dir", default=config.UTP_MASKS_DIR,
+                   help="masks root: training/masks/ and test/masks/ go here")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="CSV splits to segment")
+    p.add_argument("--source-mpp", type=float, default=UNITOPATHO_MPP, help="um per pixel of the images")
+    p.add_argument("--model-mpp", type=float, default=PANNUKE_MPP, help="um per pixel the segmenter was trained at")
+    p.add_argument("--tile", type=int, default=512, help="tile side in pixels at the model's resolution")
+    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
+    p.add_argument("--stain-normalize", action="store_true", help="Macenko-normalise each image before segmenting")
+    p.add_argument("--reference", default=None, metavar="IMG",
+                   help="H&E image whose stains --stain-normalize matches; without it, torchstain's built-in "
+                        "reference stain vectors")
+    p.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
+    config.add_device_args(p)
+    return p
+
+
+class Images(torch.utils.data.Dataset):
+    """Decoded, optionally stain-normalised images: loader workers prepare the next
+    ones while the model segments."""
+
+    def __init__(self, paths, normalizer):
+        self.paths, self.normalizer = paths, normalizer
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        image = read_rgb(self.paths[index])
+        # A writable copy: PIL's buffer is read-only, which torch warns about.
+        return torch.from_numpy(self.normalizer(image) if self.normalizer else image.copy())
+
+
+@run_main
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if args.reference and not args.stain_normalize:
+        raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
+    if args.source_mpp <= 0 or args.model_mpp <= 0:
+        raise UserError("--source-mpp and --model-mpp must be positive")
+    info, device = setup_distributed(args.device, config.DIST_TIMEOUT_MINUTES)
+    try:
+        model, _ = load_segmenter(args.checkpoint, device)
+        if args.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model = maybe_compile(model, args.compile)
+        normalizer = StainNormalizer(args.reference) if args.stain_normalize else None
+        autocast = autocast_context(device, resolve_precision(args.precision, device))
+
+        jobs = []  # (image path, mask path)
+        for split in args.splits:
+            data = UniToPatho(args.data_dir, split)
+            folder = masks_folder(args.out_dir, split)
+            jobs += [(path, folder / name) for path, name in zip(data.paths, data.names)]
+        # Shard what is left, so a resumed run stays balanced; every rank lists it before any writes.
+        left = [job for job in jobs if args.overwrite or not job[1].exists()]
+        barrier()
+        todo = left[info.rank::info.world_size]
+        workers = args.workers if args.workers >= 0 else default_workers(
+            device, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+        images = make_loader(Images([path for path, _ in todo], normalizer), None, workers, device)
+        tiling = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, autocast=autocast,
+                      channels_last=args.channels_last)
+        # The context closes the bar before an error is printed, so the error gets its own line.
+        with tqdm(total=len(todo), desc=f"segmenting ({len(jobs) - len(left)} already done)",
+                  disable=not info.is_main, dynamic_ncols=True) as bar:
+            for (_, mask_path), image in zip(todo, images):
+                labels = segment_image(model, image, device, args.source_mpp / args.model_mpp, **tiling)
+                save_png(labels_to_rgb(labels), mask_path)
+                bar.update()
+        barrier()
+        if info.is_main:
+            print(f"masks for {len(jobs)} images in {args.out_dir} ({len(todo)} written "
+                  f"{'by this process' if info.distributed else 'now'})")
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

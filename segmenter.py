@@ -1,0 +1,335 @@
+"""The nucleus segmenter: a 6-class U-Net, its loss, Dice/IoU metrics, tiled
+inference, and Macenko stain normalisation.
+
+Used by train_segmenter.py (training on PanNuke), make_masks.py (UniToPatho masks)
+and any later evaluation. Classes and their order are those of dataset/masks.py
+(0 Neoplastic ... 4 Epithelial, 5 Background).
+
+The model takes float RGB in [0, 1], shape (B, 3, H, W), and normalises it inside
+with ImageNet statistics, so a torchvision ResNet encoder with ImageNet weights
+sees what it was trained on. H and W must be multiples of `model.size_multiple`;
+`predict_probs` pads and tiles images of any size.
+
+The model works at PanNuke's scale (40x, about 0.25 um/px); `segment_image`
+resamples other magnifications to it and back.
+"""
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES
+from dataset.pannuke import read_rgb
+from tiling import blend_window, tile_starts
+from train_utils import CHECKPOINT_KIND as GAN_CHECKPOINT_KIND
+from train_utils import load_model_state
+from utils import UserError, safe_torch_load
+
+CHECKPOINT_KIND = "he-segmenter"
+CHECKPOINT_VERSION = 1
+ENCODERS = ("unet", "resnet18", "resnet34", "resnet50")
+PANNUKE_MPP = 0.25      # um per pixel at 40x
+UNITOPATHO_MPP = 0.4415  # um per pixel at 20x (NanoZoomer S210)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------- model
+
+def conv_block(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class PlainEncoder(nn.Module):
+    """The classic U-Net encoder: features at strides 1, 2, 4, 8, 16 with width * 2**level channels."""
+
+    def __init__(self, width, levels=5):
+        super().__init__()
+        self.channels = [width * 2 ** i for i in range(levels)]
+        self.blocks = nn.ModuleList([conv_block(3, self.channels[0])])
+        self.blocks.extend(conv_block(cin, cout) for cin, cout in zip(self.channels[:-1], self.channels[1:]))
+        self.size_multiple = 2 ** (levels - 1)
+
+    def forward(self, x):
+        feats = []
+        for i, block in enumerate(self.blocks):
+            x = block(F.max_pool2d(x, 2) if i else x)
+            feats.append(x)
+        return feats
+
+
+class ResNetEncoder(nn.Module):
+    """A torchvision ResNet without its classifier: features at strides 2, 4, 8, 16, 32.
+
+    Attribute names match torchvision's, so its ImageNet weight files load directly
+    (--encoder-weights); nothing is downloaded here."""
+
+    def __init__(self, name):
+        super().__init__()
+        import torchvision  # here, not at the top: importing it costs seconds and only ResNets need it
+        net = getattr(torchvision.models, name)(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        expansion = type(net.layer1[0]).expansion
+        self.channels = [64] + [c * expansion for c in (64, 128, 256, 512)]
+        self.size_multiple = 32
+
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        x = self.maxpool(x)
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class Segmenter(nn.Module):
+    """U-Net: an encoder, then per level bilinear upsampling + skip concatenation +
+    two 3x3 convolutions (width * 2**level channels), then a 1x1 head to 6 logits."""
+
+    def __init__(self, encoder="unet", width=32):
+        super().__init__()
+        if encoder not in ENCODERS:
+            raise UserError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+        self.encoder = PlainEncoder(width) if encoder == "unet" else ResNetEncoder(encoder)
+        enc = self.encoder.channels
+        dec = [width * 2 ** i for i in range(len(enc) - 1)]
+        ins = [enc[-1]] + dec[1:][::-1]  # what comes up from the level below, coarse to fine
+        self.decoder = nn.ModuleList(conv_block(cin + skip, cout)
+                                     for cin, skip, cout in zip(ins, enc[:-1][::-1], dec[::-1]))
+        self.head = nn.Conv2d(dec[0], NUM_CLASSES, 1)
+        self.size_multiple = self.encoder.size_multiple
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x):
+        size = x.shape[-2:]
+        feats = self.encoder((x - self.mean) / self.std)
+        x = feats[-1]
+        for block, skip in zip(self.decoder, feats[-2::-1]):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], dim=1))
+        logits = self.head(x)
+        if logits.shape[-2:] != size:  # ResNet encoders stop at stride 2
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+        return logits
+
+
+def build_segmenter(cfg):
+    return Segmenter(cfg["encoder"], cfg["width"])
+
+
+def load_encoder_weights(model, path):
+    """Load a state dict into the encoder (for ResNets: torchvision's ImageNet file,
+    e.g. resnet34-b627a593.pth; its classifier `fc.*` is dropped)."""
+    state = safe_torch_load(path, "encoder weights")
+    if not isinstance(state, dict):
+        raise UserError(f"encoder weights {path}: expected a state dict, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    try:
+        model.encoder.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"encoder weights {path} do not fit this encoder: {str(exc).splitlines()[0]}") from None
+
+
+def read_segmenter_checkpoint(path):
+    """Load a train_segmenter.py checkpoint (weights_only=True); other files are rejected clearly."""
+    ckpt = safe_torch_load(path, "segmenter checkpoint")
+    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if kind != CHECKPOINT_KIND:
+        what = ("a pix2pix GAN checkpoint (from train_pannuke.py / train_utp.py)" if kind == GAN_CHECKPOINT_KIND
+                else f"not a checkpoint of this project (kind {kind!r})")
+        raise UserError(f"{path} is {what}, not a nucleus segmenter; "
+                        f"train one with train_segmenter.py (kind {CHECKPOINT_KIND!r})")
+    return ckpt
+
+
+def load_segmenter(path, device):
+    """The model a segmenter checkpoint describes, with its weights, in eval mode."""
+    ckpt = read_segmenter_checkpoint(path)
+    model = build_segmenter(ckpt["model_config"])
+    load_model_state(model, ckpt["model"], path, f"segmenter ({ckpt['model_config']})")
+    return model.to(device).eval(), ckpt
+
+
+# --------------------------------------------------------------------------- loss and metrics
+
+def segmentation_loss(logits, target, smooth=1.0):
+    """Cross-entropy + (1 - soft Dice averaged over the 6 classes).
+
+    Background is most pixels and Dead nuclei very few: cross-entropy alone settles
+    for predicting background; the Dice term weighs every class equally. A class
+    absent from the batch scores smooth / (predicted mass + smooth), which only
+    pushes its predicted probability towards zero."""
+    logits = logits.float()
+    ce = F.cross_entropy(logits, target)
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, NUM_CLASSES).movedim(-1, 1).float()
+    dims = (0, 2, 3)
+    dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
+    return ce + (1 - dice.mean())
+
+
+def confusion_matrix(pred, target):
+    """(6, 6) int64 pixel counts: rows are the true class, columns the predicted one."""
+    idx = target.reshape(-1).long() * NUM_CLASSES + pred.reshape(-1).long()
+    return torch.bincount(idx, minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
+
+
+def dice_iou(cm):
+    """Per-class Dice = 2TP / (2TP + FP + FN) and IoU = TP / (TP + FP + FN) from a
+    confusion matrix summed over the whole evaluation set (not averaged per image).
+
+    A class absent from both reference and prediction (TP + FP + FN = 0) has no
+    defined score: NaN, left out of means. A class never present but predicted
+    somewhere scores 0, as does one present but never predicted."""
+    cm = torch.as_tensor(cm, dtype=torch.float64)
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    return (2 * tp / (2 * tp + fp + fn)).numpy(), (tp / (tp + fp + fn)).numpy()
+
+
+def nuclei_cm(cm):
+    """Collapse to 2 classes, any nucleus vs background (type confusions count as hits)."""
+    cm = torch.as_tensor(cm)
+    nuc = [c for c in range(NUM_CLASSES) if c != BACKGROUND]
+    return torch.tensor([[cm[nuc][:, nuc].sum().item(), cm[nuc, BACKGROUND].sum().item()],
+                         [cm[BACKGROUND, nuc].sum().item(), cm[BACKGROUND, BACKGROUND].item()]])
+
+
+def _num(x):
+    return None if np.isnan(x) else float(x)  # NaN -> null in JSON
+
+
+def _mean_defined(values):
+    return None if np.isnan(values).all() else float(np.nanmean(values))
+
+
+def summarize(cm):
+    """Per-class Dice/IoU, 'Nuclei' (any type vs background), and means over the five
+    nucleus types ignoring undefined classes. Undefined values are None."""
+    dice, iou = dice_iou(cm)
+    dice_n, iou_n = dice_iou(nuclei_cm(cm))
+    types = [c for c in range(NUM_CLASSES) if c != BACKGROUND]
+    cm = torch.as_tensor(cm)
+    return {"dice": {n: _num(v) for n, v in zip(CLASS_NAMES, dice)} | {"Nuclei": _num(dice_n[0])},
+            "iou": {n: _num(v) for n, v in zip(CLASS_NAMES, iou)} | {"Nuclei": _num(iou_n[0])},
+            "mean_dice_types": _mean_defined(dice[types]), "mean_iou_types": _mean_defined(iou[types]),
+            "pixel_accuracy": _num(cm.diag().sum().item() / max(1, cm.sum().item()))}
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def format_table(metrics):
+    rows = [f"{'class':<14}{'Dice':>7}{'IoU':>7}"]
+    rows += [f"{n:<14}{_fmt(metrics['dice'][n]):>7}{_fmt(metrics['iou'][n]):>7}" for n in metrics["dice"]]
+    rows.append(f"{'mean (types)':<14}{_fmt(metrics['mean_dice_types']):>7}{_fmt(metrics['mean_iou_types']):>7}")
+    return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------- tiled inference
+
+@torch.no_grad()
+def predict_probs(model, image, tile=512, overlap=64, batch_size=8, autocast=contextlib.nullcontext(),
+                  channels_last=False):
+    """(3, H, W) float image in [0, 1] -> (6, H, W) float32 class probabilities.
+
+    The image is padded (reflected) to at least one tile, cut into `tile`-px tiles
+    sharing `overlap` px, and the tiles' softmax outputs are blended with
+    tiling.blend_window (sin^2 ramps over the overlap), so memory stays bounded,
+    there are no seams, and pixels near a tile's edge, which lack context, count
+    less where a neighbour covers them. In eval mode a tile's output does not
+    depend on the other tiles in its batch."""
+    if tile % model.size_multiple or not 0 <= overlap < tile:
+        raise UserError(f"tile {tile} must be a multiple of {model.size_multiple} and overlap {overlap} in [0, tile)")
+    _, h, w = image.shape
+    pad_h, pad_w = max(0, tile - h), max(0, tile - w)
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+        image = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)[0]
+    H, W = image.shape[-2:]
+    window = blend_window(tile, overlap).to(image.device)
+    probs = torch.zeros(NUM_CLASSES, H, W, device=image.device)
+    weight = torch.zeros(H, W, device=image.device)
+    corners = [(y, x) for y in tile_starts(H, tile, tile - overlap) for x in tile_starts(W, tile, tile - overlap)]
+    for start in range(0, len(corners), batch_size):
+        batch = corners[start:start + batch_size]
+        tiles = torch.stack([image[:, y:y + tile, x:x + tile] for y, x in batch])
+        if channels_last:
+            tiles = tiles.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(tiles)
+        p = logits.float().softmax(1) * window
+        for (y, x), pi in zip(batch, p):
+            probs[:, y:y + tile, x:x + tile] += pi
+            weight[y:y + tile, x:x + tile] += window
+    return (probs / weight)[:, :h, :w]
+
+
+@torch.no_grad()
+def segment_image(model, image, device, scale=1.0, **tiling):
+    """(H, W, 3) uint8 RGB (numpy or tensor) -> (H, W) uint8 numpy class map.
+
+    `scale` = image um/px / model um/px (UNITOPATHO_MPP / PANNUKE_MPP for UniToPatho):
+    the image is resampled by it to the model's magnification (bilinear), segmented
+    in tiles (`tiling`: predict_probs options), and the class probabilities are
+    resampled back to (H, W) (bilinear, antialiased) before the argmax, so the map
+    matches the image pixel for pixel."""
+    h, w = image.shape[:2]
+    x = torch.as_tensor(image).to(device).permute(2, 0, 1).float().div_(255)
+    if scale != 1:
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+        x = x.clamp_(0, 1)
+    probs = predict_probs(model, x, **tiling)
+    if probs.shape[-2:] != (h, w):
+        probs = F.interpolate(probs[None], size=(h, w), mode="bilinear", align_corners=False, antialias=True)[0]
+    return probs.argmax(0).byte().cpu().numpy()
+
+
+# --------------------------------------------------------------------------- stain normalisation
+
+class StainNormalizer:
+    """Macenko stain normalisation (Macenko et al., ISBI 2009) with torchstain's numpy backend.
+
+    The reference is an H&E image the stains are matched to. Without one, torchstain's
+    built-in reference is used: H&E stain vectors (0.5626, 0.7201, 0.4062) and
+    (0.2159, 0.8012, 0.5581) in optical density, 99th-percentile concentrations
+    1.9705 and 1.0308 (from the MATLAB reference implementation torchstain adapts).
+
+    An image with less than `min_tissue` of its pixels stained (optical density
+    >= 0.15 in every channel, torchstain's threshold) is returned unchanged: it is
+    mostly glass, and Macenko's stain estimate would be noise or fail."""
+
+    def __init__(self, reference=None, min_tissue=0.005):
+        try:
+            import torchstain
+        except ImportError:
+            raise UserError("stain normalisation needs torchstain: pip install torchstain==1.4.1") from None
+        self.normalizer = torchstain.normalizers.MacenkoNormalizer(backend="numpy")
+        self.min_tissue = min_tissue
+        if reference is not None:
+            image = read_rgb(reference)
+            if stained_fraction(image) < min_tissue:
+                raise UserError(f"stain reference {reference} has too little stained tissue to fit stain vectors")
+            self.normalizer.fit(image)
+
+    def __call__(self, image):
+        if stained_fraction(image) < self.min_tissue:
+            return image
+        return self.normalizer.normalize(image, stains=False)[0]
+
+
+def optical_density(image, io=240):
+    """torchstain's conversion: OD = -log((I + 1) / Io) per channel."""
+    return -np.log((np.asarray(image, dtype=np.float64) + 1) / io)
+
+
+def stained_fraction(image, beta=0.15):
+    return float((optical_density(image) >= beta).all(-1).mean())
