@@ -197,7 +197,9 @@ def load_model_state(model, state_dict, path, what):
     try:
         model.load_state_dict(strip_module_prefix(state_dict))
     except RuntimeError as exc:
-        detail = str(exc).splitlines()[0]
+        # The first line only says "Error(s) in loading state_dict"; the next names a mismatch.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
         raise UserError(f"checkpoint {path} does not fit this {what}: {detail}") from None
 
 
@@ -404,6 +406,10 @@ def _train(args, build_datasets, info, device, stop):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    if info.is_main:
+        # Temp files left by a run killed while saving; the checkpoints themselves are intact.
+        for stale in ckpt_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     resume = read_checkpoint(args.resume) if args.resume else None
     model_cfg = model_config_from_args(args)
     if resume is not None and resume["model_config"] != model_cfg:

@@ -183,7 +183,7 @@ def read_rgb(path):
     """Decode an image file to (H, W, 3) uint8, with a clear error for broken files."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as exc:
         raise UserError(f"cannot decode image {path}: {exc}") from None
 
