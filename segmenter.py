@@ -23,9 +23,8 @@ from torch.nn import functional as F
 from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES
 from dataset.pannuke import read_rgb
 from tiling import blend_window, tile_starts
-from train_utils import CHECKPOINT_KIND as GAN_CHECKPOINT_KIND
 from train_utils import load_model_state
-from utils import UserError, safe_torch_load
+from utils import UserError, load_checkpoint_of_kind, safe_torch_load
 
 CHECKPOINT_KIND = "he-segmenter"
 CHECKPOINT_VERSION = 1
@@ -138,14 +137,7 @@ def load_encoder_weights(model, path):
 
 def read_segmenter_checkpoint(path):
     """Load a train_segmenter.py checkpoint (weights_only=True); other files are rejected clearly."""
-    ckpt = safe_torch_load(path, "segmenter checkpoint")
-    kind = ckpt.get("kind") if isinstance(ckpt, dict) else None
-    if kind != CHECKPOINT_KIND:
-        what = ("a pix2pix GAN checkpoint (from train_pannuke.py / train_utp.py)" if kind == GAN_CHECKPOINT_KIND
-                else f"not a checkpoint of this project (kind {kind!r})")
-        raise UserError(f"{path} is {what}, not a nucleus segmenter; "
-                        f"train one with train_segmenter.py (kind {CHECKPOINT_KIND!r})")
-    return ckpt
+    return load_checkpoint_of_kind(path, CHECKPOINT_KIND)
 
 
 def load_segmenter(path, device):

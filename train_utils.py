@@ -22,7 +22,7 @@ from tqdm import tqdm
 from dataset.masks import NUM_CLASSES, labels_to_onehot, labels_to_rgb
 from discriminator_model import Discriminator
 from generator_model import Generator, init_weights
-from utils import (UserError, atomic_torch_save, get_rng_state, resolve_wandb_mode, safe_torch_load,
+from utils import (UserError, atomic_torch_save, get_rng_state, load_checkpoint_of_kind, resolve_wandb_mode,
                    save_loss_plot, seed_everything, set_rng_state)
 
 CHECKPOINT_KIND = "he-pix2pix"
@@ -204,13 +204,8 @@ def load_model_state(model, state_dict, path, what):
 
 
 def read_checkpoint(path):
-    """Load and check a checkpoint written by this project (weights_only=True)."""
-    ckpt = safe_torch_load(path)
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CHECKPOINT_KIND:
-        found = ckpt.get("kind", "no 'kind' field") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"{path} is not a pix2pix checkpoint of this project (found {found!r}; "
-                        f"expected kind {CHECKPOINT_KIND!r})")
-    return ckpt
+    """Load and check a pix2pix checkpoint of this project (weights_only=True)."""
+    return load_checkpoint_of_kind(path, CHECKPOINT_KIND)
 
 
 def load_generator(path, device):

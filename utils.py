@@ -78,6 +78,26 @@ def safe_torch_load(path, what="checkpoint"):
         raise UserError(f"cannot read {what} {path}: {reason}") from None
 
 
+# Every checkpoint this project writes names its kind, so a file meant for one script
+# is refused by the others with a message that says what the file is.
+CHECKPOINT_KINDS = {
+    "he-pix2pix": "a pix2pix GAN checkpoint (from train_pannuke.py / train_utp.py)",
+    "he-segmenter": "a nucleus segmenter checkpoint (from train_segmenter.py)",
+}
+
+
+def load_checkpoint_of_kind(path, kind):
+    """safe_torch_load, then check the checkpoint's 'kind' field."""
+    ckpt = safe_torch_load(path)
+    found = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if found != kind:
+        expected = f"{CHECKPOINT_KINDS[kind]} (kind {kind!r})"
+        if found in CHECKPOINT_KINDS:
+            raise UserError(f"{path} is {CHECKPOINT_KINDS[found]} (kind {found!r}), not {expected}")
+        raise UserError(f"{path} is not {expected}; it has kind {found!r}")
+    return ckpt
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)

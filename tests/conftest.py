@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -249,3 +250,13 @@ def trained_checkpoint(tmp_path_factory, pannuke_folds):
     path = out / "checkpoints" / "last.pt"
     assert path.is_file()
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP spin contention
+    (measured 5x faster here under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

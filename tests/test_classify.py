@@ -20,14 +20,7 @@ SHARED_UTP = Path(__file__).resolve().parents[2] / "shared" / "data" / "unitopat
 FAST = ["--image-size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--precision", "fp32"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP spin contention
-    (measured 5x faster here under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_split(rows, root, split, seed):

@@ -26,14 +26,7 @@ HE_IMAGES = ["he_500.png", "he_512_1.png", "he_512_2.png", "torchstain_source.pn
 SMALL_NET = dict(widths=(8, 16, 32), features=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors on a shared 2-core machine: one thread avoids OpenMP spin contention
-    (measured 5x faster here under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_images(n, seed):

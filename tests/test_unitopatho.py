@@ -343,6 +343,7 @@ def test_generation_shards_across_ranks(utp, trained, tmp_path):
     count = script.generate_unitopatho(args, generator, ckpt, cpu, autocast_context(cpu, "fp32"), rank=1, world_size=2)
     split = UniToPatho(data_dir, "test")
     written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").glob("*/*.png"))
-    assert count == 3 and written == sorted(p.relative_to(data_dir) for p in split.paths[1::2])
+    # The count is the split's; this rank wrote its share, rows 1, 3, 5.
+    assert count == len(split) == 6 and written == sorted(p.relative_to(data_dir) for p in split.paths[1::2])
     assert not (tmp_path / "out" / "test.csv").exists()  # rank 0 copies the CSV
     assert Image.open(tmp_path / "out" / written[0]).size == (SIZE, SIZE)
