@@ -45,7 +45,8 @@ import metrics
 from dataset.pannuke import split_item
 from dataset.unitopatho import CLASSES, UniToPatho, read_split
 from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, load_model_state,
-                         make_loader, make_optimizer, maybe_compile, resolve_precision, setup_distributed, unwrap)
+                         make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
+                         setup_distributed, unwrap)
 from utils import UserError, atomic_torch_save, run_main, safe_torch_load
 
 CHECKPOINT_KIND = "utp-classifier"
@@ -312,6 +313,7 @@ def main(argv=None):
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 32:
         raise UserError("--epochs and --batch-size must be at least 1 and --image-size at least 32")
     info, device = setup_distributed(args.device, args.dist_timeout)
+    args.channels_last = resolve_channels_last(args.channels_last, device)
     try:
         train(args, info, device)
         barrier()

@@ -51,7 +51,8 @@ from dataset.pannuke import read_rgb
 from dataset.unitopatho import missing_files_error
 from dataset.unitopatho_mask import read_mask
 from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
-from train_utils import autocast_context, default_workers, make_loader, maybe_compile, resolve_device, resolve_precision
+from train_utils import (autocast_context, default_workers, make_loader, maybe_compile, resolve_channels_last,
+                         resolve_device, resolve_precision)
 from utils import UserError, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -344,6 +345,7 @@ def main(argv=None):
     pairs, unmatched = match_pairs(Path(args.real), Path(args.fake), masks_dir)
     net, extractor = metrics.load_feature_extractor(args.inception_weights)
     device = resolve_device(args.device)
+    args.channels_last = resolve_channels_last(args.channels_last, device)
     workers = args.workers if args.workers >= 0 else default_workers(device, 1)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ from dataset.unitopatho import SPLITS, UniToPatho
 from dataset.unitopatho_mask import masks_folder
 from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
 from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, make_loader,
-                         maybe_compile, resolve_precision, save_png, setup_distributed)
+                         maybe_compile, resolve_channels_last, resolve_precision, save_png, setup_distributed)
 from utils import UserError, run_main
 
 
@@ -86,6 +86,7 @@ def main(argv=None):
     if args.source_mpp <= 0 or args.model_mpp <= 0:
         raise UserError("--source-mpp and --model-mpp must be positive")
     info, device = setup_distributed(args.device, config.DIST_TIMEOUT_MINUTES)
+    args.channels_last = resolve_channels_last(args.channels_last, device)
     try:
         model, _ = load_segmenter(args.checkpoint, device)
         if args.channels_last:

@@ -28,8 +28,9 @@ from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
 from tiling import generate_tiled, generate_whole
-from train_utils import (autocast_context, barrier, cleanup_distributed, load_generator, prepare_batch,
-                         resolve_precision, save_png, setup_distributed, to_uint8_image, triplet_grid, generate)
+from train_utils import (autocast_context, barrier, cleanup_distributed, generate, load_generator, prepare_batch,
+                         resolve_channels_last, resolve_precision, save_png, setup_distributed, to_uint8_image,
+                         triplet_grid)
 from utils import UserError, resolve_wandb_mode, run_main
 
 
@@ -73,12 +74,11 @@ def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size):
     mine = list(range(rank, len(dataset), world_size))
     todo = [i for i in mine if args.overwrite or not (out_dir / f"{dataset.names[i]}.png").exists()]
     grids_left = args.grids if rank == 0 else 0
-    channels_last = train_cfg.get("channels_last", True)
     bar = tqdm(total=len(todo), desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         labels, images = map(torch.stack, zip(*(dataset[i] for i in batch)))
-        mask, real = prepare_batch(labels, images, device, channels_last)
+        mask, real = prepare_batch(labels, images, device, args.channels_last)
         fake = generate_images(generator, mask, autocast, args.norm_mode, [args.seed + i for i in batch])
         for i, f in zip(batch, fake):
             save_png(to_uint8_image(f), out_dir / f"{dataset.names[i]}.png")
@@ -133,6 +133,7 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
 def main(argv=None):
     args = test_parser().parse_args(argv)
     info, device = setup_distributed(args.device, 30)
+    args.channels_last = resolve_channels_last(args.channels_last, device)
     try:
         checkpoint = args.checkpoint
         if checkpoint.startswith("wandb:"):

@@ -33,8 +33,8 @@ from dataset.pannuke import build_pannuke
 from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, build_segmenter, confusion_matrix,
                        format_table, load_encoder_weights, read_segmenter_checkpoint, segmentation_loss, summarize)
 from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, load_model_state,
-                         make_loader, make_optimizer, maybe_compile, resolve_precision, SeededSampler,
-                         setup_distributed, unwrap)
+                         make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
+                         SeededSampler, setup_distributed, unwrap)
 from utils import UserError, atomic_torch_save, get_rng_state, run_main, seed_everything, set_rng_state
 
 LOG_EVERY_STEPS = 10
@@ -203,6 +203,7 @@ def train(args, info, device):
 def main(argv=None):
     args = parser().parse_args(argv)
     info, device = setup_distributed(args.device, config.DIST_TIMEOUT_MINUTES)
+    args.channels_last = resolve_channels_last(args.channels_last, device)
     try:
         train(args, info, device)
     finally:
