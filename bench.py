@@ -392,7 +392,7 @@ def bench(args):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    workers = tu.default_workers(device, 1)
+    workers = tu.loader_workers(-1, device)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         per_fold = max(16, args.batch_size)
         write_demo_folds(Path(tmp) / "pannuke", patches_per_fold=(per_fold, per_fold, 1))

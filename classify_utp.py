@@ -29,7 +29,6 @@ OUT/confusion_matrix.png and OUT/classifier.pt; under torchrun only rank 0 write
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -44,10 +43,10 @@ import config
 import metrics
 from dataset.pannuke import split_item
 from dataset.unitopatho import CLASSES, UniToPatho, read_split
-from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, load_model_state,
+from train_utils import (autocast_context, barrier, cleanup_distributed, load_model_state, loader_workers,
                          make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
-                         setup_distributed, unwrap)
-from utils import UserError, atomic_torch_save, run_main, safe_torch_load
+                         setup_distributed, unwrap, wrap_ddp)
+from utils import UserError, atomic_save_figure, atomic_torch_save, atomic_write_text, run_main, safe_torch_load
 
 CHECKPOINT_KIND = "utp-classifier"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -217,10 +216,7 @@ def save_confusion_plot(cm, classes, path, title):
     ax.set_ylabel("true (row-normalised: recall)")
     ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path, dpi=120)
 
 
 # --------------------------------------------------------------------------- main
@@ -232,17 +228,12 @@ def train(args, info, device):
     pool = ClassifierImages([real] + ([synthetic] if synthetic else []), args.image_size, augment=True)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_context(device, precision)
-    workers = args.workers if args.workers >= 0 else default_workers(
-        device, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    workers = loader_workers(args.workers, device)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     model = build_classifier(len(classes), args.weights)
-    if info.distributed and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CUDA only: it rejects CPU modules
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if info.distributed:
-        model = nn.parallel.DistributedDataParallel(model, **(dict(device_ids=[device.index]) if device.type == "cuda" else {}))
-    model = maybe_compile(model, args.compile)
+    model = maybe_compile(wrap_ddp(model, info, device), args.compile)
 
     sampler = BalancedSampler(pool.targets, len(real), info.world_size, info.rank, args.seed)
     loader = make_loader(pool, args.batch_size, workers, device, sampler=sampler)
@@ -294,10 +285,7 @@ def train(args, info, device):
                   "lr": args.lr, "image_size": args.image_size, "weights": args.weights, "seed": args.seed,
                   "precision": precision, "loss_history": history},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     run = "real + synthetic" if synthetic else "real only"
     save_confusion_plot(cm, classes, out_dir / "confusion_matrix.png",
                         f"{args.target}, {run}: balanced accuracy {result['balanced_accuracy']:.3f}")

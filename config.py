@@ -117,9 +117,9 @@ def training_parser(dataset):
                    help="multiply the learning rate by the world size (linear scaling under DDP)")
     g.add_argument("--l1-lambda", type=float, default=L1_LAMBDA, help="weight of the L1 reconstruction loss")
     g.add_argument("--smooth-real", default=True, action=argparse.BooleanOptionalAction,
-                   help=f"draw D's positive labels from --real-label-range instead of 1")
+                   help="draw D's positive labels from --real-label-range instead of 1")
     g.add_argument("--smooth-fake", default=True, action=argparse.BooleanOptionalAction,
-                   help=f"draw D's negative labels from --fake-label-range instead of 0")
+                   help="draw D's negative labels from --fake-label-range instead of 0")
     g.add_argument("--real-label-range", type=float, nargs=2, default=list(REAL_LABEL_RANGE), metavar=("LO", "HI"))
     g.add_argument("--fake-label-range", type=float, nargs=2, default=list(FAKE_LABEL_RANGE), metavar=("LO", "HI"))
 

@@ -35,7 +35,6 @@ import base64
 import html
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,9 +50,9 @@ from dataset.pannuke import read_rgb
 from dataset.unitopatho import missing_files_error
 from dataset.unitopatho_mask import read_mask
 from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
-from train_utils import (autocast_context, default_workers, make_loader, maybe_compile, resolve_channels_last,
+from train_utils import (autocast_context, loader_workers, make_loader, maybe_compile, resolve_channels_last,
                          resolve_device, resolve_precision)
-from utils import UserError, run_main
+from utils import UserError, atomic_write_text, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PREPROCESSING = (f"centre square crop, PIL bicubic (antialiased) resize to {metrics.INCEPTION_SIZE} x "
@@ -316,13 +315,7 @@ def write_report(path, result, grids, loss_curves):
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.warn{color:#a40}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>evaluation</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
-    write_text(path, page)
-
-
-def write_text(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
 
 
 # --------------------------------------------------------------------------- main
@@ -346,7 +339,7 @@ def main(argv=None):
     net, extractor = metrics.load_feature_extractor(args.inception_weights)
     device = resolve_device(args.device)
     args.channels_last = resolve_channels_last(args.channels_last, device)
-    workers = args.workers if args.workers >= 0 else default_workers(device, 1)
+    workers = loader_workers(args.workers, device)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -363,7 +356,7 @@ def main(argv=None):
         "mask_fidelity": mask_fidelity(pairs, args, device, workers) if args.segmenter else None,
         "loss_curves": str(loss_curves) if loss_curves else None,
     }
-    write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     grids = {g: class_grid([p for p in pairs if p.group == g], args) for g in (groups or [ALL])}
     write_report(out_dir / "report.html", result, {g: im for g, im in grids.items() if im is not None}, loss_curves)
     print(f"FID {fmt(result['overall']['fid'], 2)}, KID {fmt(result['overall']['kid_mean'], 5)} over "

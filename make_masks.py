@@ -24,7 +24,6 @@ reference stain vectors and concentrations (see segmenter.StainNormalizer). An
 image with almost no stained tissue is segmented as it is.
 """
 import argparse
-import os
 
 import torch
 from tqdm import tqdm
@@ -35,7 +34,7 @@ from dataset.pannuke import read_rgb
 from dataset.unitopatho import SPLITS, UniToPatho
 from dataset.unitopatho_mask import masks_folder
 from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
-from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, make_loader,
+from train_utils import (autocast_context, barrier, cleanup_distributed, loader_workers, make_loader,
                          maybe_compile, resolve_channels_last, resolve_precision, save_png, setup_distributed)
 from utils import UserError, run_main
 
@@ -74,8 +73,7 @@ class Images(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image = read_rgb(self.paths[index])
-        # A writable copy: PIL's buffer is read-only, which torch warns about.
-        return torch.from_numpy(self.normalizer(image) if self.normalizer else image.copy())
+        return torch.from_numpy(self.normalizer(image) if self.normalizer else image)
 
 
 @run_main
@@ -104,8 +102,7 @@ def main(argv=None):
         left = [job for job in jobs if args.overwrite or not job[1].exists()]
         barrier()
         todo = left[info.rank::info.world_size]
-        workers = args.workers if args.workers >= 0 else default_workers(
-            device, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+        workers = loader_workers(args.workers, device)
         images = make_loader(Images([path for path, _ in todo], normalizer), None, workers, device)
         tiling = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, autocast=autocast,
                       channels_last=args.channels_last)

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES
 from dataset.pannuke import read_rgb
-from tiling import blend_window, tile_starts
+from tiling import blend_tiles
 from train_utils import load_model_state
 from utils import UserError, load_checkpoint_of_kind, safe_torch_load
 
@@ -245,23 +245,16 @@ def predict_probs(model, image, tile=512, overlap=64, batch_size=8, autocast=con
     if pad_h or pad_w:
         mode = "reflect" if pad_h < h and pad_w < w else "replicate"
         image = F.pad(image[None], (0, pad_w, 0, pad_h), mode=mode)[0]
-    H, W = image.shape[-2:]
-    window = blend_window(tile, overlap).to(image.device)
-    probs = torch.zeros(NUM_CLASSES, H, W, device=image.device)
-    weight = torch.zeros(H, W, device=image.device)
-    corners = [(y, x) for y in tile_starts(H, tile, tile - overlap) for x in tile_starts(W, tile, tile - overlap)]
-    for start in range(0, len(corners), batch_size):
-        batch = corners[start:start + batch_size]
+
+    def run(batch, first):
         tiles = torch.stack([image[:, y:y + tile, x:x + tile] for y, x in batch])
         if channels_last:
             tiles = tiles.contiguous(memory_format=torch.channels_last)
         with autocast:
-            logits = model(tiles)
-        p = logits.float().softmax(1) * window
-        for (y, x), pi in zip(batch, p):
-            probs[:, y:y + tile, x:x + tile] += pi
-            weight[y:y + tile, x:x + tile] += window
-    return (probs / weight)[:, :h, :w]
+            return model(tiles).float().softmax(1)
+
+    probs = blend_tiles(run, *image.shape[-2:], NUM_CLASSES, tile, overlap, batch_size, image.device)
+    return probs[:, :h, :w]
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ the running BatchNorm statistics and no dropout, so an image does not depend on
 which other images share its batch or tile; `train` uses each image's own
 statistics and dropout, as the pix2pix paper did (seeded per image).
 """
-import os
 import shutil
 from pathlib import Path
 

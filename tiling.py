@@ -60,6 +60,24 @@ def blend_window(tile, overlap):
     return ramp[:, None] * ramp[None, :]
 
 
+def blend_tiles(run, height, width, channels, tile, overlap, batch_size, device):
+    """Cover a (height, width) canvas with `tile`-px tiles sharing `overlap` px and blend
+    their outputs with `blend_window`. `run(origins, first)` returns the (N, channels,
+    tile, tile) outputs for a batch of tile origins; `first` is the index of the batch's
+    first tile. Returns (channels, height, width) on `device`."""
+    origins = [(y, x) for y in tile_starts(height, tile, tile - overlap)
+               for x in tile_starts(width, tile, tile - overlap)]
+    window = blend_window(tile, overlap).to(device)
+    total = torch.zeros(channels, height, width, device=device)
+    weight = torch.zeros(height, width, device=device)
+    for first in range(0, len(origins), batch_size):
+        batch = origins[first:first + batch_size]
+        for (y, x), out in zip(batch, run(batch, first)):
+            total[:, y:y + tile, x:x + tile] += out.float() * window
+            weight[y:y + tile, x:x + tile] += window
+    return total / weight
+
+
 def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, channels_last=True,
                    tile=SIZE_MULTIPLE):
     """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), from
@@ -69,17 +87,11 @@ def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, ch
     h, w = labels.shape
     # Maps smaller than a tile are reflect-padded up to one.
     padded, top, left = reflect_pad(labels, max(h, tile), max(w, tile))
-    ph, pw = padded.shape
-    origins = [(y, x) for y in tile_starts(ph, tile, tile - overlap) for x in tile_starts(pw, tile, tile - overlap)]
-    window = blend_window(tile, overlap).to(device)
-    total = torch.zeros(3, ph, pw, device=device)
-    weight = torch.zeros(ph, pw, device=device)
-    for start in range(0, len(origins), batch_size):
-        batch = origins[start:start + batch_size]
+
+    def run(batch, first):
         crops = np.stack([padded[y:y + tile, x:x + tile] for y, x in batch])
         # Tile seeds differ from each other and from other images' (seed * 10^6 + tile).
-        fake = forward(to_mask(crops, device, channels_last), [seed * 1_000_000 + start + i for i in range(len(batch))])
-        for (y, x), f in zip(batch, fake):
-            total[:, y:y + tile, x:x + tile] += f.float() * window
-            weight[y:y + tile, x:x + tile] += window
-    return (total / weight)[:, top:top + h, left:left + w].cpu()
+        return forward(to_mask(crops, device, channels_last), [seed * 1_000_000 + first + i for i in range(len(batch))])
+
+    fake = blend_tiles(run, *padded.shape, 3, tile, overlap, batch_size, device)
+    return fake[:, top:top + h, left:left + w].cpu()

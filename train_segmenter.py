@@ -19,12 +19,10 @@ other magnifications to it.
 import argparse
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 import config
@@ -32,10 +30,11 @@ from dataset.masks import CLASS_NAMES
 from dataset.pannuke import build_pannuke
 from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, build_segmenter, confusion_matrix,
                        format_table, load_encoder_weights, read_segmenter_checkpoint, segmentation_loss, summarize)
-from train_utils import (autocast_context, barrier, cleanup_distributed, default_workers, load_model_state,
+from train_utils import (autocast_context, barrier, cleanup_distributed, load_model_state, loader_workers,
                          make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
-                         SeededSampler, setup_distributed, unwrap)
-from utils import UserError, atomic_torch_save, get_rng_state, run_main, seed_everything, set_rng_state
+                         SeededSampler, setup_distributed, unwrap, wrap_ddp)
+from utils import (UserError, atomic_torch_save, atomic_write_text, get_rng_state, run_main, seed_everything,
+                   set_rng_state)
 
 LOG_EVERY_STEPS = 10
 
@@ -90,12 +89,6 @@ def to_device(labels, image, device, channels_last):
     return x, labels.to(device, non_blocking=True).long()
 
 
-def write_json(obj, path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
-    os.replace(tmp, path)
-
-
 def train(args, info, device):
     out_dir = Path(args.out_dir)
     ckpt_path = out_dir / "checkpoints" / "last.pt"
@@ -114,8 +107,6 @@ def train(args, info, device):
         load_model_state(model, resume["model"], args.resume, "segmenter")
     elif args.encoder_weights:
         load_encoder_weights(model, args.encoder_weights)
-    if info.distributed and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # CUDA only; CPU keeps per-process statistics
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     opt = make_optimizer(model.parameters(), args.lr, (0.9, 0.999), device)
@@ -130,16 +121,12 @@ def train(args, info, device):
             set_rng_state(resume["rng"][info.rank])
         log(f"resumed from {args.resume}: epoch {start_epoch + 1}")
 
-    if info.distributed:
-        ddp_kwargs = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
-    model = maybe_compile(model, args.compile)
+    model = maybe_compile(wrap_ddp(model, info, device), args.compile)
 
     train_set = build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train")
     test_set = build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test")
     sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
-    workers = args.workers if args.workers >= 0 else default_workers(
-        device, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    workers = loader_workers(args.workers, device)
     loader = make_loader(train_set, args.batch_size, workers, device, sampler=sampler)
     # Each rank scores every world-th test patch: no padding duplicates, so the summed counts are exact.
     my_test = torch.utils.data.Subset(test_set, range(info.rank, len(test_set), info.world_size))
@@ -191,8 +178,9 @@ def train(args, info, device):
                 "model_config": model_cfg, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch + 1, "history": history, "rng": rngs, "world_size": info.world_size,
                 "config": vars(args)}, ckpt_path)
-            write_json({"classes": list(CLASS_NAMES), "test_patches": len(test_set), "history": history},
-                       out_dir / "metrics.json")
+            atomic_write_text(out_dir / "metrics.json", json.dumps(
+                {"classes": list(CLASS_NAMES), "test_patches": len(test_set), "history": history},
+                indent=1, allow_nan=False))
             log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, test ({len(test_set)} patches):\n"
                 + format_table(metrics))
         barrier()

@@ -6,10 +6,8 @@ alone writes checkpoints, sample grids, plots and wandb logs.
 """
 import contextlib
 import datetime
-import math
 import os
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +20,8 @@ from tqdm import tqdm
 from dataset.masks import NUM_CLASSES, labels_to_onehot, labels_to_rgb
 from discriminator_model import Discriminator
 from generator_model import Generator, init_weights
-from utils import (UserError, atomic_torch_save, get_rng_state, load_checkpoint_of_kind, resolve_wandb_mode,
-                   save_loss_plot, seed_everything, set_rng_state)
+from utils import (UserError, atomic_torch_save, atomic_write, get_rng_state, load_checkpoint_of_kind,
+                   resolve_wandb_mode, save_loss_plot, seed_everything, set_rng_state)
 
 CHECKPOINT_KIND = "he-pix2pix"
 CHECKPOINT_VERSION = 1
@@ -111,7 +109,12 @@ def autocast_context(device, precision):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def default_workers(device, local_world_size):
+def loader_workers(requested, device):
+    """--workers when given (>= 0); for -1, a count from the cores this node gives
+    each process (torchrun's LOCAL_WORLD_SIZE of them)."""
+    if requested >= 0:
+        return requested
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     per_process = max(1, cpus // max(1, local_world_size))
     if device.type == "cuda":
@@ -222,6 +225,19 @@ def load_generator(path, device):
     return generator.to(device), ckpt
 
 
+def wrap_ddp(model, info, device):
+    """DistributedDataParallel under torchrun, the model itself otherwise. On CUDA,
+    BatchNorm becomes SyncBatchNorm first, so statistics cover the global batch (it
+    rejects CPU modules, so on CPU each process normalises its own share). The
+    conversion keeps the Parameter objects, so optimisers made earlier still hold them."""
+    if not info.distributed:
+        return model
+    if device.type == "cuda":
+        return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model),
+                                                   device_ids=[device.index])
+    return nn.parallel.DistributedDataParallel(model)
+
+
 def maybe_compile(model, enabled):
     if not enabled:
         return model
@@ -317,11 +333,7 @@ def triplet_grid(labels, real, fake, gap=4):
 
 def save_png(array, path):
     from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 @torch.no_grad()
@@ -333,7 +345,9 @@ def generate(generator, mask, autocast, norm_mode="eval"):
     statistics stored in the model.
     """
     was_training = generator.training
-    saved = {k: v.clone() for k, v in generator.state_dict().items() if "running_" in k or "num_batches" in k}
+    # Only train mode updates BatchNorm's running statistics: keep them to put back.
+    saved = {k: v.clone() for k, v in generator.state_dict().items()
+             if norm_mode == "train" and ("running_" in k or "num_batches" in k)}
     generator.train(norm_mode == "train")
     with autocast:
         fake = generator(mask).float()
@@ -424,10 +438,6 @@ def _train(args, build_datasets, info, device, stop):
     if resume is not None:
         load_model_state(generator, resume["generator"], args.resume, "generator")
         load_model_state(discriminator, resume["discriminator"], args.resume, "discriminator")
-    if info.distributed and device.type == "cuda" and args.norm == "batch":
-        # Batch statistics over the global batch. CUDA only: SyncBatchNorm rejects CPU modules.
-        generator = nn.SyncBatchNorm.convert_sync_batchnorm(generator)
-        discriminator = nn.SyncBatchNorm.convert_sync_batchnorm(discriminator)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     generator = generator.to(device, memory_format=memory_format)
     discriminator = discriminator.to(device, memory_format=memory_format)
@@ -464,17 +474,12 @@ def _train(args, build_datasets, info, device, stop):
         # Same weights on every rank (DDP also broadcasts rank 0's), different dropout noise.
         torch.manual_seed(args.seed + info.rank)
 
-    if info.distributed:
-        ddp_kwargs = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-        generator = nn.parallel.DistributedDataParallel(generator, **ddp_kwargs)
-        discriminator = nn.parallel.DistributedDataParallel(discriminator, **ddp_kwargs)
-    generator = maybe_compile(generator, args.compile)
-    discriminator = maybe_compile(discriminator, args.compile)
+    generator = maybe_compile(wrap_ddp(generator, info, device), args.compile)
+    discriminator = maybe_compile(wrap_ddp(discriminator, info, device), args.compile)
 
     train_set, sample_set = build_datasets(args)
     sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
-    workers = args.workers if args.workers >= 0 else default_workers(
-        device, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+    workers = loader_workers(args.workers, device)
     loader_rng = torch.Generator()
     loader = make_loader(train_set, args.batch_size, workers, device, sampler=sampler, generator=loader_rng)
     samples = [sample_set[i] for i in range(min(args.num_samples, len(sample_set)))]

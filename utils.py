@@ -44,15 +44,16 @@ def run_main(main):
     return wrapper
 
 
-def atomic_torch_save(obj, path):
-    """Write `obj` to `path` via a temp file in the same folder + rename, so a crash
-    mid-write leaves the previous file intact."""
+def atomic_write(path, write):
+    """Call `write(f)` on a binary temp file beside `path`, then rename it over `path`:
+    a crash mid-write leaves the previous file intact, and concurrent readers (loader
+    workers, other ranks) see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -60,6 +61,21 @@ def atomic_torch_save(obj, path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_save_figure(fig, path, dpi=100):
+    """A matplotlib figure as PNG (closed afterwards)."""
+    import matplotlib.pyplot as plt
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)
 
 
 def safe_torch_load(path, what="checkpoint"):
@@ -163,9 +179,4 @@ def save_loss_plot(history, path, title="Training losses"):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    atomic_save_figure(fig, path)

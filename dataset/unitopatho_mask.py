@@ -11,8 +11,6 @@ and --cache-dir keeps decoded arrays as .npy files that later epochs memory-map:
 a crop then reads only its own bytes.
 """
 import hashlib
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from dataset.pannuke import SeededAugmentation, joint_augmentation, read_rgb, sp
 from dataset.unitopatho import UniToPatho, missing_files_error
 from generator_model import SIZE_MULTIPLE
 from train_utils import make_loader
-from utils import UserError
+from utils import UserError, atomic_write
 
 MASK_SPLIT_DIRS = {"train": "training", "test": "test"}
 CROP_SCHEMES = ("random", "fivecrop")
@@ -61,16 +59,11 @@ def decode_pair(image_path, mask_path):
 
 
 def save_npy_atomic(array, path):
-    """np.save via a temp file + rename: concurrent workers and ranks never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """np.save, atomically: concurrent workers and ranks never see half a file."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.save(f, array))
     except OSError as exc:
         raise UserError(f"cannot write cache file {path}: {exc}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
 
 
 class DecodeCache:

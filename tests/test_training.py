@@ -2,7 +2,6 @@
 epoch, after SIGKILL mid-epoch, after SIGTERM) equals not stopping, wandb offline,
 the --demo, and --help."""
 import contextlib
-import os
 import signal
 import time
 from pathlib import Path
