@@ -17,8 +17,11 @@ alike; on a GPU each path runs alone and steps are timed with CUDA events, which
 add no host sync. FLOPs per step are counted once per path (FlopCounterMode, first
 warm-up step): at ngf 64, 94.2 G per image for the baseline, 87.7 G for the default
 path, whose frozen D skips D's weight gradients in the G step. Generation uses
-tiling.py at UniToPatho's 1812 x 1812 px; the UniToPatho loader figure comes from
-dataset.unitopatho_mask.loader_throughput on PNG pairs written to a temp dir.
+tiling.py at UniToPatho's 1812 x 1812 px; the UniToPatho loader figures come from
+dataset.unitopatho_mask.loader_throughput on PNG pairs written to a temp dir, both
+decoding every visit and from a filled --cache-dir, and each loader rate is also
+printed as a multiple of the default training rate (`loader_*_vs_train`, crops per
+training image: at least 1.0 means the loader keeps up with the default workers).
 Figures are medians over timed steps (training) or repeats (the rest), warm-up
 excluded. Output: one `key=value` line per figure, then a short table.
 """
@@ -361,17 +364,20 @@ def measure_generation(generator, labels, device, autocast, repeats):
 
 def measure_loaders(args, dataset, labels, workers, device, tmp):
     """Images/s of the PanNuke training loader and of UniToPatho's (1812-px PNG pairs,
-    CROPS_PER_IMAGE crops each) via dataset.unitopatho_mask.loader_throughput."""
+    CROPS_PER_IMAGE crops each) via dataset.unitopatho_mask.loader_throughput: decoding
+    the PNGs on every visit, and from a filled --cache-dir (memory-mapped arrays)."""
     count = 2 if args.smoke else max(4, 2 * workers)
     size = 512 if args.smoke else UTP_SIZE
     data_dir, masks_dir = write_utp_fixture(Path(tmp) / "utp", labels, count, size)
-    runs = [loader_throughput(data_dir, masks_dir, workers, images=count, batch_size=2,
-                              crops_per_image=CROPS_PER_IMAGE) for _ in range(args.repeats)]
-    return {"loader_workers": workers,
-            "loader_pannuke_img_s": pannuke_loader_rate(dataset, args.batch_size, workers, device, args.repeats),
-            "loader_utp_image_px": size,
-            "loader_utp_img_s": statistics.median(r["images_per_s"] for r in runs),
-            "loader_utp_crops_s": statistics.median(r["crops_per_s"] for r in runs)}
+    figures = {"loader_workers": workers,
+               "loader_pannuke_img_s": pannuke_loader_rate(dataset, args.batch_size, workers, device, args.repeats),
+               "loader_utp_image_px": size}
+    for name, cache_dir in (("utp", None), ("utp_cached", Path(tmp) / "utp-cache")):
+        runs = [loader_throughput(data_dir, masks_dir, workers, cache_dir=cache_dir, images=count, batch_size=2,
+                                  crops_per_image=CROPS_PER_IMAGE) for _ in range(args.repeats)]
+        figures[f"loader_{name}_img_s"] = statistics.median(r["images_per_s"] for r in runs)
+        figures[f"loader_{name}_crops_s"] = statistics.median(r["crops_per_s"] for r in runs)
+    return figures
 
 
 def bench(args):
@@ -407,13 +413,17 @@ def bench(args):
         results.update(measure_generation(tu.unwrap(default.gen), tile_to(labels, args.gen_size), device,
                                           default.step_cfg.autocast, args.repeats))
         results.update(measure_loaders(args, dataset, labels, workers, device, tmp))
+    # Each training image is one 256-px crop: above 1.0 the loader keeps up with training.
+    for name, rate in (("pannuke", "loader_pannuke_img_s"), ("utp", "loader_utp_crops_s"),
+                       ("utp_cached", "loader_utp_cached_crops_s")):
+        results[f"loader_{name}_vs_train"] = results[rate] / results["train_default_img_s"]
     results["load_avg_end"] = load_average()
     return results
 
 
 def format_value(key, value):
     if isinstance(value, float):
-        return f"{value:.2f}" if "speedup" in key or "fraction" in key else f"{value:.4g}"
+        return f"{value:.2f}" if "speedup" in key or "fraction" in key or key.endswith("_vs_train") else f"{value:.4g}"
     return str(value)
 
 
@@ -434,8 +444,13 @@ def print_table(r):
           f"bf16 {r['matmul_peak_bf16_gflops']:.4g} GFLOP/s)")
     print(f"generation of {r['gen_image_px']} x {r['gen_image_px']} px: whole image {r['gen_whole_mpx_s']:.3g} MP/s, "
           f"256-px tiles (overlap 64) {r['gen_tiled_mpx_s']:.3g} MP/s")
-    print(f"loaders ({r['loader_workers']} workers): PanNuke {r['loader_pannuke_img_s']:.4g} img/s, UniToPatho "
-          f"{r['loader_utp_image_px']} px {r['loader_utp_img_s']:.3g} img/s ({r['loader_utp_crops_s']:.3g} crops/s)")
+    print(f"loaders ({r['loader_workers']} workers), in training images (crops) per second and as a multiple of "
+          f"the default training rate (>= 1 keeps up):")
+    print(f"  {'PanNuke':<38}{r['loader_pannuke_img_s']:>8.4g} img/s    ({r['loader_pannuke_vs_train']:.1f}x)")
+    for name, what in (("utp", "decoding PNGs"), ("utp_cached", "--cache-dir")):
+        label = f"UniToPatho {r['loader_utp_image_px']} px, {what}"
+        print(f"  {label:<38}{r[f'loader_{name}_crops_s']:>8.4g} crops/s  ({r[f'loader_{name}_vs_train']:.1f}x; "
+              f"{r[f'loader_{name}_img_s']:.3g} images/s)")
     print(f"{r['device']}, {r['threads']} threads, OMP_WAIT_POLICY {r['omp_wait_policy']}, torch {r['torch']}, "
           f"load average {r['load_avg_start']:.2f} -> {r['load_avg_end']:.2f}")
 
