@@ -1,7 +1,9 @@
 """Small helpers shared by every entry point: clean user-facing errors, atomic
-checkpoint files, RNG state capture, wandb mode resolution, and figures."""
+checkpoint files, a cache of arrays derived from files, RNG state capture, wandb
+mode resolution, and figures."""
 import contextlib
 import functools
+import hashlib
 import os
 import random
 import sys
@@ -76,6 +78,49 @@ def atomic_save_figure(fig, path, dpi=100):
     import matplotlib.pyplot as plt
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
     plt.close(fig)
+
+
+def save_npy_atomic(array, path):
+    """np.save, atomically: concurrent workers and ranks never see half a file."""
+    try:
+        atomic_write(path, lambda f: np.save(f, array))
+    except OSError as exc:
+        raise UserError(f"cannot write cache file {path}: {exc}") from None
+
+
+class ArrayCache:
+    """Arrays derived from source files (decoded, resized...), saved once as
+    <dir>/<key>.<name>.npy and memory-mapped on later reads.
+
+    The key hashes the sources' paths, sizes and modification times, and a tag that
+    names the derivation, so an edited source is derived afresh and two derivations
+    of the same file (another size, another mask) never collide.
+    """
+
+    def __init__(self, cache_dir):
+        self.dir = Path(cache_dir)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create cache directory {self.dir}: {exc}") from None
+
+    def files(self, sources, names, tag=""):
+        parts = []
+        for p in map(Path, sources):
+            st = p.stat()
+            parts.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
+        key = hashlib.sha1("\n".join(parts + ([tag] if tag else [])).encode()).hexdigest()
+        return [self.dir / f"{key}.{name}.npy" for name in names]
+
+    def get(self, sources, names, derive, tag=""):
+        """The arrays `derive()` returns (one per name), from the cache when present."""
+        files = self.files(sources, names, tag)
+        if all(f.is_file() for f in files):
+            return tuple(np.load(f, mmap_mode="r") for f in files)
+        arrays = derive()
+        for array, f in zip(arrays, files):
+            save_npy_atomic(array, f)
+        return arrays
 
 
 def safe_torch_load(path, what="checkpoint"):

@@ -10,7 +10,6 @@ step, so each visit cuts several crops from one decoded pair (--crops-per-image)
 and --cache-dir keeps decoded arrays as .npy files that later epochs memory-map:
 a crop then reads only its own bytes.
 """
-import hashlib
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from dataset.pannuke import SeededAugmentation, joint_augmentation, read_rgb, sp
 from dataset.unitopatho import UniToPatho, missing_files_error
 from generator_model import SIZE_MULTIPLE
 from train_utils import make_loader
-from utils import UserError, atomic_write
+from utils import ArrayCache, UserError
 
 MASK_SPLIT_DIRS = {"train": "training", "test": "test"}
 CROP_SCHEMES = ("random", "fivecrop")
@@ -58,45 +57,14 @@ def decode_pair(image_path, mask_path):
     return image, read_mask(mask_path, image_path, image.shape[:2])
 
 
-def save_npy_atomic(array, path):
-    """np.save, atomically: concurrent workers and ranks never see half a file."""
-    try:
-        atomic_write(path, lambda f: np.save(f, array))
-    except OSError as exc:
-        raise UserError(f"cannot write cache file {path}: {exc}") from None
-
-
-class DecodeCache:
-    """Decoded pairs as <key>.image.npy (H, W, 3) and <key>.labels.npy (H, W), uint8.
-
-    The key hashes both source paths with their sizes and modification times, so an
-    edited image or regenerated mask is decoded afresh, and two mask variants of the
-    same images never collide. About 13 MB per 1812 x 1812 pair.
+class DecodeCache(ArrayCache):
+    """Decoded pairs as <key>.image.npy (H, W, 3) and <key>.labels.npy (H, W), uint8,
+    keyed by both files, so an edited image or regenerated mask is decoded afresh and
+    two mask variants of the same images never collide. About 13 MB per 1812 x 1812 pair.
     """
 
-    def __init__(self, cache_dir):
-        self.dir = Path(cache_dir)
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create cache directory {self.dir}: {exc}") from None
-
-    def files(self, image_path, mask_path):
-        parts = []
-        for p in (image_path, mask_path):
-            st = p.stat()
-            parts.append(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}")
-        key = hashlib.sha1("\n".join(parts).encode()).hexdigest()
-        return self.dir / f"{key}.image.npy", self.dir / f"{key}.labels.npy"
-
     def load(self, image_path, mask_path):
-        image_file, labels_file = self.files(image_path, mask_path)
-        if not (image_file.is_file() and labels_file.is_file()):
-            image, labels = decode_pair(image_path, mask_path)
-            save_npy_atomic(image, image_file)
-            save_npy_atomic(labels, labels_file)
-            return image, labels
-        return np.load(image_file, mmap_mode="r"), np.load(labels_file, mmap_mode="r")
+        return self.get((image_path, mask_path), ("image", "labels"), lambda: decode_pair(image_path, mask_path))
 
 
 def centre_origin(height, width, size):

@@ -88,6 +88,29 @@ def test_imagenet_weights_file_loads_before_the_head_is_replaced(utp, tmp_path, 
     assert "does not fit this ResNet-18" in capsys.readouterr().err
 
 
+def test_resize_cache_gives_the_same_items_and_results(utp, tmp_path):
+    from dataset.unitopatho import UniToPatho
+    real, synthetic = UniToPatho(utp / "800", "train"), UniToPatho(utp / "synthetic", "train")
+    plain = classify_utp.ClassifierImages([real, synthetic], 32, augment=True)
+    cached = classify_utp.ClassifierImages([real, synthetic], 32, augment=True, cache_dir=tmp_path / "cache")
+    # Item 12 is the synthetic twin of a real image (same file name): each has its own entry.
+    for item in [(0, 5), (12, 6), (0, 5), (12, 6), 3]:  # repeats read the memory-mapped entry
+        a, b = plain[item], cached[item]
+        assert torch.equal(a[0], b[0]) and a[1] == b[1]
+    assert real.names[0] == synthetic.names[0]
+    assert isinstance(cached.resized(real, 0), np.memmap)
+    assert len(list((tmp_path / "cache").glob("*.resized.npy"))) == 3
+    # Another size is another entry, not a stale hit.
+    bigger = classify_utp.ClassifierImages([real], 40, augment=False, cache_dir=tmp_path / "cache")
+    assert bigger[0][0].shape == (3, 40, 40) and len(list((tmp_path / "cache").glob("*.npy"))) == 4
+
+    uncached_run = run(utp, tmp_path / "plain")
+    cached_run = run(utp, tmp_path / "cached", "--cache-dir", str(tmp_path / "run-cache"))
+    assert cached_run["confusion_matrix"] == uncached_run["confusion_matrix"]
+    assert cached_run["balanced_accuracy"] == uncached_run["balanced_accuracy"]
+    assert len(list((tmp_path / "run-cache").glob("*.resized.npy"))) >= 12  # at least the 12 test images
+
+
 def test_balanced_sampler_balances_classes_and_splits_draws_between_processes():
     targets = np.array([0] * 90 + [1] * 9 + [2] * 1)
     draws = [list(classify_utp.BalancedSampler(targets, 3000, 1, 0, seed=0))]
