@@ -46,7 +46,8 @@ from dataset.unitopatho import CLASSES, UniToPatho, read_split
 from train_utils import (autocast_context, barrier, cleanup_distributed, load_model_state, loader_workers,
                          make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
                          setup_distributed, unwrap, wrap_ddp)
-from utils import ArrayCache, UserError, atomic_save_figure, atomic_torch_save, atomic_write_text, run_main, safe_torch_load
+from utils import (ArrayCache, UserError, atomic_save_figure, atomic_torch_save, atomic_write_text, run_main,
+                   safe_torch_load)
 
 CHECKPOINT_KIND = "utp-classifier"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,10 +57,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=config.HelpFormatter)
-    p.add_argument("--data-dir", default=config.UTP_DIR, help="real UniToPatho '800' folder (train.csv, test.csv, class folders)")
-    p.add_argument("--synthetic-dir", default=None, help="synthetic training images: S/train.csv + S/<top_label_name>/<image_id>")
+    p.add_argument("--data-dir", default=config.UTP_DIR,
+                   help="real UniToPatho '800' folder (train.csv, test.csv, class folders)")
+    p.add_argument("--synthetic-dir", default=None,
+                   help="synthetic training images: S/train.csv + S/<top_label_name>/<image_id>")
     p.add_argument("--target", default="top_label", choices=list(CLASSES), help="label to predict")
-    p.add_argument("--out-dir", default="runs/classify", help="where metrics.json, confusion_matrix.png, classifier.pt go")
+    p.add_argument("--out-dir", default="runs/classify",
+                   help="where metrics.json, confusion_matrix.png, classifier.pt go")
     p.add_argument("--epochs", type=int, default=20, help="epochs of (number of real training images) draws")
     p.add_argument("--batch-size", type=int, default=32, help="batch size per process")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-annealed to 0 over the run")
@@ -160,7 +164,8 @@ def load_splits(args):
                 "(they would leak the test set)." if (synthetic_dir / "test.csv").is_file() else "")
         raise UserError(f"{synthetic_dir / 'train.csv'} not found: --synthetic-dir must hold synthetic images "
                         f"generated from the training split's masks, with that split's train.csv.{hint}")
-    leaked = sorted(set(read_split(synthetic_dir, "train")["image_id"]) & set(read_split(args.data_dir, "test")["image_id"]))
+    test_names = set(read_split(args.data_dir, "test")["image_id"])
+    leaked = sorted(set(read_split(synthetic_dir, "train")["image_id"]) & test_names)
     if leaked:
         raise UserError(f"{len(leaked)} synthetic image(s) share their file name with the real test split, e.g. "
                         f"{leaked[0]!r}: training on them would leak the test set")
