@@ -465,7 +465,7 @@ def _train(args, build_datasets, info, device, stop):
             if resume.get("world_size", 1) != info.world_size:
                 log(f"note: resuming mid-epoch with a different world size; epoch {start_epoch + 1} restarts")
                 skip_batches = 0
-            else:
+            elif info.is_main:  # the saved sums are the whole job's: one rank carries them on
                 partial_sums = resume["partial_sums"].clone()
         if resume.get("world_size", 1) == info.world_size:
             set_rng_state(resume["rng"][info.rank] if isinstance(resume["rng"], list) else resume["rng"])
@@ -498,6 +498,8 @@ def _train(args, build_datasets, info, device, stop):
             gathered = [None] * info.world_size
             dist.all_gather_object(gathered, rng)
             rng = gathered
+            sums = sums.clone()
+            dist.all_reduce(sums)
         return {
             "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
             "generator": unwrap(generator).state_dict(), "discriminator": unwrap(discriminator).state_dict(),

@@ -385,6 +385,8 @@ def test_sigterm_saves_mid_epoch_and_resumes_with_another_world_size(data, tmp_p
     if ckpt["batches_done"] == 0:
         pytest.skip("the signal landed on an epoch boundary")
     epoch, step = ckpt["epoch"], ckpt["step"]
+    # The partial epoch's loss sums are the whole job's: both ranks' batches are counted.
+    assert ckpt["partial_sums"][3] == 2 * ckpt["batches_done"]
     log = ok(python("train_pannuke.py", "--data-dir", data, "--train-folds", 1, "--test-folds", 2,
                     "--out-dir", tmp_path / "one", "--epochs", epoch + 1, "--resume", out / "checkpoints" / "last.pt",
                     "--num-samples", 0, *TINY))
