@@ -38,6 +38,12 @@ NUM_SAMPLES = 4
 WANDB_PROJECT = "he-pix2pix"
 DIST_TIMEOUT_MINUTES = 30
 
+# Options that define a run. On --resume, those not given on the command line are
+# taken from the checkpoint, so the resumed run goes on training the same way.
+RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
+               "ngf", "ndf", "norm", "dropout", "batch_size", "lr", "beta1", "beta2", "scale_lr", "l1_lambda",
+               "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed")
+
 # `--demo`: small enough to train in about two minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
                       train_folds=[1, 2], test_folds=[3], tissue="Colon", save_every=0)
@@ -146,13 +152,24 @@ def training_parser(dataset):
     return p
 
 
+def options_given(parser, argv=None):
+    """Names (dests) of the options given on the command line, as opposed to defaults."""
+    unset = object()
+    namespace = argparse.Namespace(**{action.dest: unset for action in parser._actions})
+    parser.parse_args(argv, namespace=namespace)
+    return sorted(dest for dest, value in vars(namespace).items() if value is not unset)
+
+
 def parse_training_args(dataset, argv=None):
+    """Values come from, in rising priority: this file, --demo, the --resume checkpoint
+    (RUN_OPTIONS, applied by train_utils when it reads the checkpoint), the command line."""
     parser = training_parser(dataset)
     args, _ = parser.parse_known_args(argv)
     if getattr(args, "demo", False):
-        # Demo values replace defaults, but flags given explicitly still win.
         parser.set_defaults(**DEMO_OVERRIDES)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.options_given = options_given(parser, argv)
+    return args
 
 
 def test_parser():

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from config import RUN_OPTIONS
 from dataset.masks import NUM_CLASSES, labels_to_onehot, labels_to_rgb
 from discriminator_model import Discriminator
 from generator_model import Generator, init_weights
@@ -399,6 +400,19 @@ class StopRequest:
         self.requested = True
 
 
+def take_run_options(args, saved, log):
+    """On resume, the run-defining options (config.RUN_OPTIONS) that the command line
+    does not give take the checkpoint's values."""
+    taken = []
+    for name in RUN_OPTIONS:
+        if name in saved and hasattr(args, name) and name not in args.options_given \
+                and getattr(args, name) != saved[name]:
+            setattr(args, name, saved[name])
+            taken.append(f"--{name.replace('_', '-')} {saved[name]}")
+    if taken:
+        log(f"resume: as the checkpoint's run: {', '.join(taken)} (flags given on the command line win)")
+
+
 def run_training(args, build_datasets, require_distributed=False):
     """Train G and D. `build_datasets(args)` returns (train dataset, sample dataset);
     items are (labels uint8 (H, W), image uint8 (3, H, W))."""
@@ -427,10 +441,12 @@ def _train(args, build_datasets, info, device, stop):
         for stale in ckpt_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
     resume = read_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        take_run_options(args, resume["config"], log)
     model_cfg = model_config_from_args(args)
     if resume is not None and resume["model_config"] != model_cfg:
         raise UserError(f"checkpoint {args.resume} was trained with {resume['model_config']}, but this run asks "
-                        f"for {model_cfg}; pass the same --ngf/--ndf/--norm/--dropout to resume")
+                        f"for {model_cfg}; leave out --ngf/--ndf/--norm/--dropout to resume with the checkpoint's")
 
     seed_everything(args.seed)
     generator = build_generator(model_cfg)

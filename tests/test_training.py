@@ -171,6 +171,29 @@ def test_resume_after_an_epoch_equals_uninterrupted(tmp_path, pannuke_folds, tra
     assert (tmp_path / "samples" / "epoch_0002.png").is_file()
 
 
+def test_resume_takes_the_run_options_the_command_line_leaves_out(tmp_path, pannuke_folds, train_in_process,
+                                                                   uninterrupted_run, capsys):
+    """`--resume CKPT` alone (plus where and on what to run) continues the run as it was
+    configured: width, batch size, folds, seed... come from the checkpoint, and the
+    result equals the uninterrupted run. A flag given on the command line still wins."""
+    train_in_process(train_in_process.argv(pannuke_folds, tmp_path, **dict(RESUME_RUN, epochs=1)))
+    capsys.readouterr()
+    runtime_only = ["--data-dir", pannuke_folds, "--out-dir", tmp_path, "--epochs", 2, "--device", "cpu",
+                    "--precision", "fp32", "--workers", 0, "--wandb", "disabled", "--num-samples", 1,
+                    "--save-every", 0]
+    train_in_process([*runtime_only, "--resume", tmp_path / CKPT])
+    out = capsys.readouterr().out
+    assert "--ngf 8" in out and "--batch-size 3" in out
+    final = load(tmp_path / CKPT)
+    assert final["config"]["ngf"] == 8 and final["config"]["batch_size"] == 3
+    assert_same_training_state(final, uninterrupted_run)
+
+    train_in_process([*runtime_only, "--epochs", 3, "--resume", tmp_path / CKPT, "--lr", 1e-4])
+    again = load(tmp_path / CKPT)
+    assert again["config"]["lr"] == 1e-4 and again["opt_g"]["param_groups"][0]["lr"] == 1e-4
+    assert again["config"]["ngf"] == 8
+
+
 def _wait_for(predicate, proc, timeout, what):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
