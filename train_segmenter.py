@@ -32,11 +32,13 @@ from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, build_segm
                        format_table, load_encoder_weights, read_segmenter_checkpoint, segmentation_loss, summarize)
 from train_utils import (autocast_context, barrier, cleanup_distributed, load_model_state, loader_workers,
                          make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
-                         SeededSampler, setup_distributed, unwrap, wrap_ddp)
+                         SeededSampler, setup_distributed, take_run_options, unwrap, wrap_ddp)
 from utils import (UserError, atomic_torch_save, atomic_write_text, get_rng_state, run_main, seed_everything,
                    set_rng_state)
 
 LOG_EVERY_STEPS = 10
+# Taken from the checkpoint on --resume unless given on the command line.
+RUN_OPTIONS = ("train_folds", "tissue", "encoder", "width", "batch_size", "lr", "seed")
 
 
 def parser():
@@ -97,10 +99,12 @@ def train(args, info, device):
     log = print if info.is_main else (lambda *a, **k: None)
 
     resume = read_segmenter_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        take_run_options(args, resume["config"], log, RUN_OPTIONS)
     model_cfg = {"encoder": args.encoder, "width": args.width}
     if resume is not None and resume["model_config"] != model_cfg:
         raise UserError(f"checkpoint {args.resume} was trained with {resume['model_config']}, but this run asks for "
-                        f"{model_cfg}; pass the same --encoder/--width to resume")
+                        f"{model_cfg}; leave out --encoder/--width to resume with the checkpoint's")
     seed_everything(args.seed)  # same initial weights on every rank
     model = build_segmenter(model_cfg)
     if resume is not None:
@@ -189,7 +193,9 @@ def train(args, info, device):
 
 @run_main
 def main(argv=None):
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    args.options_given = config.options_given(p, argv)
     info, device = setup_distributed(args.device, config.DIST_TIMEOUT_MINUTES)
     args.channels_last = resolve_channels_last(args.channels_last, device)
     try:

@@ -400,11 +400,11 @@ class StopRequest:
         self.requested = True
 
 
-def take_run_options(args, saved, log):
-    """On resume, the run-defining options (config.RUN_OPTIONS) that the command line
-    does not give take the checkpoint's values."""
+def take_run_options(args, saved, log, names=RUN_OPTIONS):
+    """On resume, the run-defining options `names` that the command line does not give
+    (args.options_given, from config.options_given) take the checkpoint's values."""
     taken = []
-    for name in RUN_OPTIONS:
+    for name in names:
         if name in saved and hasattr(args, name) and name not in args.options_given \
                 and getattr(args, name) != saved[name]:
             setattr(args, name, saved[name])

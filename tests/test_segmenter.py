@@ -193,7 +193,10 @@ def test_train_writes_metrics_and_resumes_exactly(pannuke_folds, seg_checkpoint,
     table = capsys.readouterr().out
     assert all(name in table for name in CLASS_NAMES) and "Dice" in table and "IoU" in table
     last = out / "checkpoints" / "last.pt"
-    train_segmenter.main(train_args(pannuke_folds, out, 2, "--resume", str(last)))
+    # Width, batch size, lr and folds come from the checkpoint: only where and on what to run is given.
+    train_segmenter.main(["--data-dir", str(pannuke_folds), "--out-dir", str(out), "--epochs", "2", "--workers", "0",
+                          "--precision", "fp32", "--device", "cpu", "--resume", str(last)])
+    assert "--width 4, --batch-size 4, --lr 0.01" in capsys.readouterr().out
     ckpt = torch.load(last, weights_only=True)
     whole = torch.load(seg_checkpoint, weights_only=True)
     assert ckpt["kind"] == CHECKPOINT_KIND and ckpt["epoch"] == 2 and ckpt["model_config"] == {"encoder": "unet", "width": 4}
