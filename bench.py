@@ -1,6 +1,6 @@
 """Throughput of training, generation and data loading, measured in one run.
 
-    python bench.py                                   # CPU: batch 2, ngf 64 (about 5 minutes on 2 cores)
+    python bench.py                                   # CPU: batch 2, ngf 64 (about 3 minutes on 2 cores)
     python bench.py --device cuda --batch-size 64     # one GPU (bf16 where supported)
     python bench.py --smoke                           # seconds: tiny widths and images
     python bench.py --json bench.json                 # also write every figure as JSON
