@@ -423,7 +423,8 @@ def bench(args):
 
 def format_value(key, value):
     if isinstance(value, float):
-        return f"{value:.2f}" if "speedup" in key or "fraction" in key or key.endswith("_vs_train") else f"{value:.4g}"
+        ratio = "speedup" in key or "fraction" in key or key.endswith("_vs_train")
+        return f"{value:.2f}" if ratio else f"{value:.4g}"
     return str(value)
 
 
