@@ -18,7 +18,7 @@ add no host sync. FLOPs per step are counted once per path (FlopCounterMode, fir
 warm-up step): at ngf 64, 94.2 G per image for the baseline, 87.7 G for the default
 path, whose frozen D skips D's weight gradients in the G step. Generation uses
 tiling.py at UniToPatho's 1812 x 1812 px; the UniToPatho loader figures come from
-dataset.unitopatho_mask.loader_throughput on PNG pairs written to a temp dir, both
+loader_throughput on PNG pairs written to a temp dir, both
 decoding every visit and from a filled --cache-dir, and each loader rate is also
 printed as a multiple of the default training rate (`loader_*_vs_train`, crops per
 training image: at least 1.0 means the loader keeps up with the default workers).
@@ -40,12 +40,24 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import gan
+import runtime as rt
 import train_utils as tu
-from config import BATCH_SIZE, BETAS, CROPS_PER_IMAGE, FAKE_LABEL_RANGE, L1_LAMBDA, LEARNING_RATE, NDF, NGF, \
-    REAL_LABEL_RANGE
+from config import (
+    BATCH_SIZE,
+    BETAS,
+    CROPS_PER_IMAGE,
+    FAKE_LABEL_RANGE,
+    L1_LAMBDA,
+    LEARNING_RATE,
+    NDF,
+    NGF,
+    REAL_LABEL_RANGE,
+)
 from dataset.masks import PALETTE
 from dataset.pannuke import PanNukeFolds, write_demo_folds
-from dataset.unitopatho_mask import loader_throughput
+from dataset.unitopatho import UniToPatho
+from dataset.unitopatho_mask import UniToPathoPairs
 from tiling import generate_tiled, generate_whole
 from utils import run_main
 
@@ -191,19 +203,19 @@ class TrainPath:
             self.opt_g, self.opt_d = (torch.optim.Adam(m.parameters(), lr=LEARNING_RATE, betas=BETAS, foreach=False)
                                       for m in (self.gen, self.disc))
         else:
-            self.opt_g, self.opt_d = (tu.make_optimizer(m.parameters(), LEARNING_RATE, BETAS, device)
+            self.opt_g, self.opt_d = (rt.make_optimizer(m.parameters(), LEARNING_RATE, BETAS, device)
                                       for m in (self.gen, self.disc))
         self.scaler_g, self.scaler_d = (torch.amp.GradScaler(device.type, enabled=precision == "fp16")
                                         for _ in range(2))
         if compile:
-            self.gen, self.disc = tu.maybe_compile(self.gen, True), tu.maybe_compile(self.disc, True)
+            self.gen, self.disc = rt.maybe_compile(self.gen, True), rt.maybe_compile(self.disc, True)
         self.compiled = compile
         self.loss_sums = torch.zeros(3, device=device)  # as run_training keeps them: on the device
         self.timer = StepTimer(device)
         self.flops_per_step = self.warmup_s = None
 
     def step(self, labels, image):
-        mask, real = tu.prepare_batch(labels, image, self.device, self.channels_last)
+        mask, real = gan.prepare_batch(labels, image, self.device, self.channels_last)
         if self.plain:
             return baseline_step(self.gen, self.disc, self.opt_g, self.opt_d, mask, real, self.step_cfg)
         losses = tu.gan_train_step(self.gen, self.disc, self.opt_g, self.opt_d, self.scaler_g, self.scaler_d,
@@ -239,8 +251,8 @@ def time_training(paths, batches, warmup, steps, interleave):
 
 def training_batches(dataset, batch_size, count, workers, device):
     """`count` batches from the project's loader (SeededSampler + make_loader), cycling epochs."""
-    sampler = tu.SeededSampler(dataset, shuffle=True, seed=0)
-    loader = tu.make_loader(dataset, batch_size, workers, device, sampler=sampler)
+    sampler = rt.SeededSampler(dataset, shuffle=True, seed=0)
+    loader = rt.make_loader(dataset, batch_size, workers, device, sampler=sampler)
     batches, epoch = [], 0
     while len(batches) < count:
         sampler.set_epoch(epoch)
@@ -249,10 +261,37 @@ def training_batches(dataset, batch_size, count, workers, device):
     return batches[:count]
 
 
+def loader_throughput(data_dir, masks_dir, workers, cache_dir=None, images=32, batch_size=4, crop_size=256,
+                      crops_per_image=4, crop_scheme="random", seed=0):
+    """Measure the training loader on the first `images` train images with `workers`
+    worker processes, as train_utp.py builds it (same dataset, augmentation, loader).
+
+    With cache_dir, an untimed pass fills the cache first, so the figure is the
+    memory-mapped steady state of later epochs; without, every item decodes PNGs.
+    Returns {"images_per_s", "crops_per_s", "images", "crops", "seconds"}.
+    """
+    split = UniToPatho(data_dir, "train")
+    pairs = UniToPathoPairs(split.take(range(min(images, len(split)))), masks_dir, crop_size, crops_per_image,
+                            crop_scheme, augment=True, cache_dir=cache_dir)
+    if cache_dir:
+        for i in range(len(pairs)):
+            pairs.decode(i)
+    order = [(i, seed + i) for i in range(len(pairs))]
+    loader = rt.make_loader(pairs, batch_size, workers, torch.device("cpu"), sampler=order)
+    start = time.perf_counter()
+    done = crops = 0
+    for labels, _ in loader:
+        done += labels.shape[0]
+        crops += labels.shape[0] * labels.shape[1]
+    seconds = time.perf_counter() - start
+    return {"images_per_s": done / seconds, "crops_per_s": crops / seconds, "images": done, "crops": crops,
+            "seconds": seconds}
+
+
 def pannuke_loader_rate(dataset, batch_size, workers, device, repeats):
     """Images/s of whole epochs through make_loader, after one untimed epoch."""
-    sampler = tu.SeededSampler(dataset, shuffle=True, seed=0)
-    loader = tu.make_loader(dataset, batch_size, workers, device, sampler=sampler)
+    sampler = rt.SeededSampler(dataset, shuffle=True, seed=0)
+    loader = rt.make_loader(dataset, batch_size, workers, device, sampler=sampler)
     rates = []
     for epoch in range(repeats + 1):
         sampler.set_epoch(epoch)
@@ -316,10 +355,10 @@ def measure_training(args, device, precision, batches, warmup):
     Returns the figures and the default path (whose generator generation reuses)."""
     torch.manual_seed(0)
     model_cfg = dict(ngf=args.ngf, ndf=args.ndf, norm="batch", dropout=True)
-    gen, disc = tu.build_generator(model_cfg), tu.build_discriminator(model_cfg)
+    gen, disc = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
     step_cfg = tu.StepConfig(L1_LAMBDA, REAL_LABEL_RANGE, FAKE_LABEL_RANGE, True, True,
-                             tu.autocast_context(device, precision))
-    channels_last = tu.resolve_channels_last(None, device)  # the training scripts' default layout
+                             rt.autocast_context(device, precision))
+    channels_last = rt.resolve_channels_last(None, device)  # the training scripts' default layout
     paths = [TrainPath("baseline", gen, disc, device, step_cfg, plain=True),
              TrainPath("default", gen, disc, device, step_cfg, precision, channels_last=channels_last)]
     if args.ablations:
@@ -354,7 +393,7 @@ def measure_generation(generator, labels, device, autocast, repeats):
     """Megapixels/s generating one class map with tiling.py: whole (reflect-padded to
     a multiple of 256, one forward) and in overlapping 256-px tiles, batched by 8."""
     def forward(mask, seeds):
-        return tu.generate(generator, mask, autocast, "eval")
+        return gan.generate(generator, mask, autocast, "eval")
 
     megapixels = labels.size / 1e6
     whole = median_seconds(lambda: generate_whole(forward, labels, device), device, repeats)
@@ -364,7 +403,7 @@ def measure_generation(generator, labels, device, autocast, repeats):
 
 def measure_loaders(args, dataset, labels, workers, device, tmp):
     """Images/s of the PanNuke training loader and of UniToPatho's (1812-px PNG pairs,
-    CROPS_PER_IMAGE crops each) via dataset.unitopatho_mask.loader_throughput: decoding
+    CROPS_PER_IMAGE crops each) via loader_throughput: decoding
     the PNGs on every visit, and from a filled --cache-dir (memory-mapped arrays)."""
     count = 2 if args.smoke else max(4, 2 * workers)
     size = 512 if args.smoke else UTP_SIZE
@@ -381,24 +420,21 @@ def measure_loaders(args, dataset, labels, workers, device, tmp):
 
 
 def bench(args):
-    device = tu.resolve_device(args.device)
+    device = rt.resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    precision = tu.resolve_precision("auto", device)
+    precision = rt.resolve_precision("auto", device)
     results = {"device": describe_device(device), "torch": torch.__version__, "precision": precision,
                "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf, "steps": args.steps,
                "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": load_average()}
     # Peaks first, under PyTorch's defaults: the fp32 figure must not be TF32.
     results.update(measure_peaks(device, precision, args.matmul_budget_s, args.repeats))
-    if device.type == "cuda":
-        # As run_training sets them (and as the original did for cudnn.benchmark); cuDNN
-        # convolutions already default to TF32, so the fp32 baseline gets TF32 too.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    # As the training scripts set them; cuDNN convolutions already default to TF32, so
+    # the fp32 baseline gets TF32 too.
+    rt.configure_cuda_backends(device)
 
-    workers = tu.loader_workers(-1, device)
+    workers = rt.loader_workers(-1, device)
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         per_fold = max(16, args.batch_size)
         write_demo_folds(Path(tmp) / "pannuke", patches_per_fold=(per_fold, per_fold, 1))
@@ -410,7 +446,7 @@ def bench(args):
         results["train_default_peak_fraction"] = (results["train_default_gflops"]
                                                   / results[f"matmul_peak_{precision}_gflops"])
         labels = batches[0][0][0].numpy()  # a real-format class map, mirrored out to size
-        results.update(measure_generation(tu.unwrap(default.gen), tile_to(labels, args.gen_size), device,
+        results.update(measure_generation(rt.unwrap(default.gen), tile_to(labels, args.gen_size), device,
                                           default.step_cfg.autocast, args.repeats))
         results.update(measure_loaders(args, dataset, labels, workers, device, tmp))
     # Each training image is one 256-px crop: above 1.0 the loader keeps up with training.

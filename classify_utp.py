@@ -41,13 +41,30 @@ from tqdm import tqdm
 
 import config
 import metrics
-from dataset.pannuke import split_item
+from dataset.common import split_item
 from dataset.unitopatho import CLASSES, UniToPatho, read_split
-from train_utils import (autocast_context, barrier, cleanup_distributed, load_model_state, loader_workers,
-                         make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
-                         setup_distributed, unwrap, wrap_ddp)
-from utils import (ArrayCache, UserError, atomic_save_figure, atomic_torch_save, atomic_write_text, run_main,
-                   safe_torch_load)
+from runtime import (
+    autocast_context,
+    barrier,
+    distributed,
+    load_model_state,
+    loader_workers,
+    make_loader,
+    make_optimizer,
+    maybe_compile,
+    resolve_precision,
+    unwrap,
+    wrap_ddp,
+)
+from utils import (
+    ArrayCache,
+    UserError,
+    atomic_save_figure,
+    atomic_save_text,
+    atomic_save_torch,
+    run_main,
+    safe_torch_load,
+)
 
 CHECKPOINT_KIND = "utp-classifier"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -305,11 +322,11 @@ def train(args, info, device):
                   "lr": args.lr, "image_size": args.image_size, "weights": args.weights, "seed": args.seed,
                   "precision": precision, "loss_history": history},
     }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    atomic_save_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     run = "real + synthetic" if synthetic else "real only"
     save_confusion_plot(cm, classes, out_dir / "confusion_matrix.png",
                         f"{args.target}, {run}: balanced accuracy {result['balanced_accuracy']:.3f}")
-    atomic_torch_save({"kind": CHECKPOINT_KIND, "version": 1, "model": unwrap(model).state_dict(),
+    atomic_save_torch({"kind": CHECKPOINT_KIND, "version": 1, "model": unwrap(model).state_dict(),
                        "classes": list(classes), "config": vars(args)}, out_dir / "classifier.pt")
     print(f"{run}: accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f} "
           f"on {len(test_items)} test images; wrote {out_dir / 'metrics.json'}")
@@ -320,13 +337,9 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 32:
         raise UserError("--epochs and --batch-size must be at least 1 and --image-size at least 32")
-    info, device = setup_distributed(args.device, args.dist_timeout)
-    args.channels_last = resolve_channels_last(args.channels_last, device)
-    try:
+    with distributed(args.device, args.dist_timeout, args.channels_last) as (info, device, args.channels_last):
         train(args, info, device)
         barrier()
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

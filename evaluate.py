@@ -45,14 +45,21 @@ from tqdm import tqdm
 
 import config
 import metrics
+from dataset.common import read_rgb
 from dataset.masks import NUM_CLASSES, labels_to_rgb
-from dataset.pannuke import read_rgb
 from dataset.unitopatho import missing_files_error
 from dataset.unitopatho_mask import read_mask
+from runtime import (
+    autocast_context,
+    loader_workers,
+    make_loader,
+    maybe_compile,
+    resolve_channels_last,
+    resolve_device,
+    resolve_precision,
+)
 from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
-from train_utils import (autocast_context, loader_workers, make_loader, maybe_compile, resolve_channels_last,
-                         resolve_device, resolve_precision)
-from utils import UserError, atomic_write_text, run_main
+from utils import UserError, atomic_save_text, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 PREPROCESSING = (f"centre square crop, PIL bicubic (antialiased) resize to {metrics.INCEPTION_SIZE} x "
@@ -315,7 +322,7 @@ def write_report(path, result, grids, loss_curves):
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}.warn{color:#a40}img{max-width:100%}")
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>evaluation</title><style>{style}</style>"
             f"</head><body>{''.join(parts)}</body></html>")
-    atomic_write_text(path, page)
+    atomic_save_text(path, page)
 
 
 # --------------------------------------------------------------------------- main
@@ -356,7 +363,7 @@ def main(argv=None):
         "mask_fidelity": mask_fidelity(pairs, args, device, workers) if args.segmenter else None,
         "loss_curves": str(loss_curves) if loss_curves else None,
     }
-    atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
+    atomic_save_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     grids = {g: class_grid([p for p in pairs if p.group == g], args) for g in (groups or [ALL])}
     write_report(out_dir / "report.html", result, {g: im for g, im in grids.items() if im is not None}, loss_curves)
     print(f"FID {fmt(result['overall']['fid'], 2)}, KID {fmt(result['overall']['kid_mean'], 5)} over "

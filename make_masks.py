@@ -29,14 +29,21 @@ import torch
 from tqdm import tqdm
 
 import config
+from dataset.common import read_rgb
 from dataset.masks import labels_to_rgb
-from dataset.pannuke import read_rgb
 from dataset.unitopatho import SPLITS, UniToPatho
 from dataset.unitopatho_mask import masks_folder
+from runtime import (
+    autocast_context,
+    barrier,
+    distributed,
+    loader_workers,
+    make_loader,
+    maybe_compile,
+    resolve_precision,
+)
 from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
-from train_utils import (autocast_context, barrier, cleanup_distributed, loader_workers, make_loader,
-                         maybe_compile, resolve_channels_last, resolve_precision, save_png, setup_distributed)
-from utils import UserError, run_main
+from utils import UserError, atomic_save_png, run_main
 
 
 def parser():
@@ -83,9 +90,7 @@ def main(argv=None):
         raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
     if args.source_mpp <= 0 or args.model_mpp <= 0:
         raise UserError("--source-mpp and --model-mpp must be positive")
-    info, device = setup_distributed(args.device, config.DIST_TIMEOUT_MINUTES)
-    args.channels_last = resolve_channels_last(args.channels_last, device)
-    try:
+    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
         model, _ = load_segmenter(args.checkpoint, device)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -111,14 +116,12 @@ def main(argv=None):
                   disable=not info.is_main, dynamic_ncols=True) as bar:
             for (_, mask_path), image in zip(todo, images):
                 labels = segment_image(model, image, device, args.source_mpp / args.model_mpp, **tiling)
-                save_png(labels_to_rgb(labels), mask_path)
+                atomic_save_png(labels_to_rgb(labels), mask_path)
                 bar.update()
         barrier()
         if info.is_main:
             print(f"masks for {len(jobs)} images in {args.out_dir} ({len(todo)} written "
                   f"{'by this process' if info.distributed else 'now'})")
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from runtime import load_model_state
 from segmenter import summarize
-from train_utils import load_model_state
-from utils import UserError, atomic_torch_save, safe_torch_load
+from utils import UserError, atomic_save_torch, safe_torch_load
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -147,7 +147,7 @@ def save_feature_net(path, seed=0, widths=(16, 32, 64), features=128):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = FeatureNet(**config)
-    atomic_torch_save({"kind": FEATURES_KIND, "version": FEATURES_VERSION, "config": config, "seed": seed,
+    atomic_save_torch({"kind": FEATURES_KIND, "version": FEATURES_VERSION, "config": config, "seed": seed,
                        "state_dict": net.state_dict()}, path)
     return Path(path)
 

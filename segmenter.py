@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dataset.common import read_rgb
 from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES
-from dataset.pannuke import read_rgb
+from runtime import load_model_state
 from tiling import blend_tiles
-from train_utils import load_model_state
 from utils import UserError, load_checkpoint_of_kind, safe_torch_load
 
 CHECKPOINT_KIND = "he-segmenter"

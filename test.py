@@ -26,11 +26,11 @@ from config import test_parser
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
+from figures import to_uint8_image, triplet_grid
+from gan import generate, load_generator, prepare_batch
+from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
-from train_utils import (autocast_context, barrier, cleanup_distributed, generate, load_generator, prepare_batch,
-                         resolve_channels_last, resolve_precision, save_png, setup_distributed, to_uint8_image,
-                         triplet_grid)
-from utils import UserError, resolve_wandb_mode, run_main
+from utils import UserError, atomic_save_png, resolve_wandb_mode, run_main
 
 
 def fetch_wandb_checkpoint(spec, out_dir):
@@ -80,9 +80,9 @@ def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size):
         mask, real = prepare_batch(labels, images, device, args.channels_last)
         fake = generate_images(generator, mask, autocast, args.norm_mode, [args.seed + i for i in batch])
         for i, f in zip(batch, fake):
-            save_png(to_uint8_image(f), out_dir / f"{dataset.names[i]}.png")
+            atomic_save_png(to_uint8_image(f), out_dir / f"{dataset.names[i]}.png")
         if grids_left > 0:
-            save_png(triplet_grid(labels, real, fake), out_dir / "grids" / f"grid_{start // args.batch_size:04d}.png")
+            atomic_save_png(triplet_grid(labels, real, fake), out_dir / "grids" / f"grid_{start // args.batch_size:04d}.png")
             grids_left -= 1
         bar.update(len(batch))
     bar.close()
@@ -116,13 +116,13 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
                                   args.channels_last)
         else:
             fake = generate_whole(forward, labels, device, args.seed + i, args.channels_last)
-        save_png(to_uint8_image(fake), outputs[i])
+        atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             # mask | real | fake at the centre crop: a quick visual check beside the drop-in tree.
             y, x = centre_origin(*labels.shape, 256)
             crop = (slice(y, y + 256), slice(x, x + 256))
             real = torch.tensor(split.load_image(i)[crop]).permute(2, 0, 1).float().div(127.5).sub(1)
-            save_png(triplet_grid(torch.from_numpy(labels[crop])[None], real[None], fake[:, crop[0], crop[1]][None]),
+            atomic_save_png(triplet_grid(torch.from_numpy(labels[crop])[None], real[None], fake[:, crop[0], crop[1]][None]),
                      out_dir / "grids" / f"grid_{i:04d}.png")
             grids_left -= 1
     return len(split)
@@ -131,9 +131,7 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
 @run_main
 def main(argv=None):
     args = test_parser().parse_args(argv)
-    info, device = setup_distributed(args.device, 30)
-    args.channels_last = resolve_channels_last(args.channels_last, device)
-    try:
+    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
         checkpoint = args.checkpoint
         if checkpoint.startswith("wandb:"):
             checkpoint = fetch_wandb_checkpoint(checkpoint, args.out_dir)
@@ -149,8 +147,6 @@ def main(argv=None):
         if info.is_main:
             shared = f" ({info.world_size} processes, each wrote its share)" if info.distributed else ""
             print(f"synthetic images for {count} samples are in {args.out_dir}{shared}")
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -28,13 +28,42 @@ from tqdm import tqdm
 import config
 from dataset.masks import CLASS_NAMES
 from dataset.pannuke import build_pannuke
-from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, build_segmenter, confusion_matrix,
-                       format_table, load_encoder_weights, read_segmenter_checkpoint, segmentation_loss, summarize)
-from train_utils import (autocast_context, barrier, cleanup_distributed, load_model_state, loader_workers,
-                         make_loader, make_optimizer, maybe_compile, resolve_channels_last, resolve_precision,
-                         SeededSampler, setup_distributed, take_run_options, unwrap, wrap_ddp)
-from utils import (UserError, atomic_torch_save, atomic_write_text, get_rng_state, run_main, seed_everything,
-                   set_rng_state)
+from runtime import (
+    SeededSampler,
+    autocast_context,
+    barrier,
+    distributed,
+    load_model_state,
+    loader_workers,
+    make_loader,
+    make_optimizer,
+    maybe_compile,
+    resolve_precision,
+    unwrap,
+    wrap_ddp,
+)
+from segmenter import (
+    CHECKPOINT_KIND,
+    CHECKPOINT_VERSION,
+    ENCODERS,
+    build_segmenter,
+    confusion_matrix,
+    format_table,
+    load_encoder_weights,
+    read_segmenter_checkpoint,
+    segmentation_loss,
+    summarize,
+)
+from train_utils import take_run_options
+from utils import (
+    UserError,
+    atomic_save_text,
+    atomic_save_torch,
+    get_rng_state,
+    run_main,
+    seed_everything,
+    set_rng_state,
+)
 
 LOG_EVERY_STEPS = 10
 # Taken from the checkpoint on --resume unless given on the command line.
@@ -177,12 +206,12 @@ def train(args, info, device):
         metrics = summarize(cm.cpu())
         history.append({"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **metrics})
         if info.is_main:
-            atomic_torch_save({
+            atomic_save_torch({
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": unwrap(model).state_dict(),
                 "model_config": model_cfg, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch + 1, "history": history, "rng": rngs, "world_size": info.world_size,
                 "config": vars(args)}, ckpt_path)
-            atomic_write_text(out_dir / "metrics.json", json.dumps(
+            atomic_save_text(out_dir / "metrics.json", json.dumps(
                 {"classes": list(CLASS_NAMES), "test_patches": len(test_set), "history": history},
                 indent=1, allow_nan=False))
             log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, test ({len(test_set)} patches):\n"
@@ -196,12 +225,8 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     args.options_given = config.options_given(p, argv)
-    info, device = setup_distributed(args.device, config.DIST_TIMEOUT_MINUTES)
-    args.channels_last = resolve_channels_last(args.channels_last, device)
-    try:
+    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
         train(args, info, device)
-    finally:
-        cleanup_distributed()
 
 
 if __name__ == "__main__":

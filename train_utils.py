@@ -1,260 +1,56 @@
-"""The training loop shared by train_pannuke.py, train_utp.py and their _ddp twins.
+"""The pix2pix training step and the epoch loop shared by train_pannuke.py,
+train_utp.py and their _ddp twins.
 
-One loop runs the same on one device and under torchrun: `setup_distributed` reads
-RANK / LOCAL_RANK / WORLD_SIZE from the environment when they are there. Rank 0
-alone writes checkpoints, sample grids, plots and wandb logs.
+One loop runs the same on one device and under torchrun (runtime.distributed).
+Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
 """
-import contextlib
-import datetime
 import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from config import RUN_OPTIONS
-from dataset.masks import NUM_CLASSES, labels_to_onehot, labels_to_rgb
-from discriminator_model import Discriminator
-from generator_model import Generator, init_weights
-from utils import (UserError, atomic_torch_save, atomic_write, get_rng_state, load_checkpoint_of_kind,
-                   resolve_wandb_mode, save_loss_plot, seed_everything, set_rng_state)
+from figures import save_loss_plot, triplet_grid
+from gan import (
+    CHECKPOINT_KIND,
+    CHECKPOINT_VERSION,
+    build_discriminator,
+    build_generator,
+    generate,
+    model_config_from_args,
+    prepare_batch,
+    read_checkpoint,
+)
+from runtime import (
+    SeededSampler,
+    autocast_context,
+    barrier,
+    distributed,
+    load_model_state,
+    loader_workers,
+    make_loader,
+    make_optimizer,
+    maybe_compile,
+    resolve_precision,
+    unwrap,
+    wrap_ddp,
+)
+from utils import (
+    UserError,
+    atomic_save_png,
+    atomic_save_torch,
+    get_rng_state,
+    resolve_wandb_mode,
+    seed_everything,
+    set_rng_state,
+)
 
-CHECKPOINT_KIND = "he-pix2pix"
-CHECKPOINT_VERSION = 1
 LOSS_NAMES = ("loss_d", "loss_g_adv", "loss_l1")
-
-
-# --------------------------------------------------------------------------- devices
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def setup_distributed(device_arg, timeout_minutes, require=False):
-    """Start the process group when launched by torchrun; pick this process's device."""
-    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("WORLD_SIZE", 1)))
-    if require and "RANK" not in os.environ:
-        raise UserError("this script is meant to be started by torchrun, e.g. "
-                        "`torchrun --nproc_per_node=NUM_GPUS ...`; use the script without _ddp for one device")
-    device = resolve_device(device_arg, info.local_rank)
-    if info.distributed or "RANK" in os.environ:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if device.type == "cuda" else None)
-    return info, device
-
-
-def cleanup_distributed():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def resolve_device(device_arg, local_rank=0):
-    if device_arg == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is visible to PyTorch")
-    if device_arg in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def resolve_channels_last(flag, device):
-    """--channels-last unset: NHWC on CUDA, where tensor-core convolutions want it; NCHW
-    on CPU, where NHWC weights cost layout copies in the optimiser and weight gradients."""
-    return device.type == "cuda" if flag is None else flag
-
-
-def cpu_has_fast_bf16():
-    """bf16 autocast on CPU only pays with native bf16 instructions; elsewhere it is
-    emulated and far slower than fp32 (0.3 vs 156 GFLOP/s measured on an AVX2-only EPYC)."""
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def resolve_precision(precision, device):
-    if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    return precision
-
-
-def autocast_context(device, precision):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def loader_workers(requested, device):
-    """--workers when given (>= 0); for -1, a count from the cores this node gives
-    each process (torchrun's LOCAL_WORLD_SIZE of them)."""
-    if requested >= 0:
-        return requested
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_process = max(1, cpus // max(1, local_world_size))
-    if device.type == "cuda":
-        return min(8, per_process)
-    # On small CPUs the workers would steal cores from the training step itself.
-    return 0 if per_process <= 4 else min(4, per_process // 2)
-
-
-# --------------------------------------------------------------------------- data
-
-class SeededSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler that yields (index, augmentation seed) pairs.
-
-    The seed is a function of (run seed, epoch, index), so an item's augmentation is
-    the same whatever the worker count, world size, or resume point. `set_epoch`
-    also takes how many of this process's items to skip (resuming mid-epoch).
-    """
-
-    def __init__(self, dataset, num_replicas=1, rank=0, shuffle=True, seed=0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
-        self.skip = 0
-
-    def set_epoch(self, epoch, skip=0):
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        indices = list(super().__iter__())[self.skip:]
-        base = np.random.SeedSequence([self.seed, self.epoch])
-        seeds = base.generate_state(len(self.dataset), dtype=np.uint32)
-        return iter([(i, int(seeds[i])) for i in indices])
-
-    def __len__(self):
-        # skip = batches done x batch size can pass the end when the last batch was partial.
-        return max(0, super().__len__() - self.skip)
-
-
-def make_loader(dataset, batch_size, workers, device, sampler=None, generator=None):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-        pin_memory=device.type == "cuda", drop_last=False, generator=generator,
-        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
-
-
-def prepare_batch(labels, image, device, channels_last=True):
-    """uint8 class map + uint8 image from the loader -> one-hot mask and [-1, 1] image on device.
-
-    Items holding several crops, (B, K, H, W) and (B, K, 3, H, W), become a batch of B*K."""
-    labels = labels.reshape(-1, *labels.shape[-2:])
-    image = image.reshape(-1, *image.shape[-3:])
-    labels = labels.to(device, non_blocking=True)
-    image = image.to(device, non_blocking=True)
-    mask = labels_to_onehot(labels)
-    real = image.float().div_(127.5).sub_(1.0)
-    if channels_last:
-        mask = mask.contiguous(memory_format=torch.channels_last)
-        real = real.contiguous(memory_format=torch.channels_last)
-    return mask, real
-
-
-# --------------------------------------------------------------------------- models
-
-def model_config_from_args(args):
-    return dict(ngf=args.ngf, ndf=args.ndf, norm=args.norm, dropout=args.dropout)
-
-
-def build_generator(cfg):
-    return init_weights(Generator(NUM_CLASSES, 3, ngf=cfg["ngf"], norm=cfg["norm"], dropout=cfg["dropout"]))
-
-
-def build_discriminator(cfg):
-    return init_weights(Discriminator(NUM_CLASSES, 3, ndf=cfg["ndf"], norm=cfg["norm"]))
-
-
-def unwrap(model):
-    """The plain module behind DDP and/or torch.compile wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
-
-
-def strip_module_prefix(state_dict):
-    """Checkpoints from older DDP code saved `module.`-prefixed keys; accept them."""
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
-
-
-def load_model_state(model, state_dict, path, what):
-    try:
-        model.load_state_dict(strip_module_prefix(state_dict))
-    except RuntimeError as exc:
-        # The first line only says "Error(s) in loading state_dict"; the next names a mismatch.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"checkpoint {path} does not fit this {what}: {detail}") from None
-
-
-def read_checkpoint(path):
-    """Load and check a pix2pix checkpoint of this project (weights_only=True)."""
-    return load_checkpoint_of_kind(path, CHECKPOINT_KIND)
-
-
-def load_generator(path, device):
-    """Rebuild the generator a checkpoint describes and load its weights."""
-    ckpt = read_checkpoint(path)
-    generator = build_generator(ckpt["model_config"])
-    load_model_state(generator, ckpt["generator"], path, f"generator ({ckpt['model_config']})")
-    return generator.to(device), ckpt
-
-
-def wrap_ddp(model, info, device):
-    """DistributedDataParallel under torchrun, the model itself otherwise. On CUDA,
-    BatchNorm becomes SyncBatchNorm first, so statistics cover the global batch (it
-    rejects CPU modules, so on CPU each process normalises its own share). The
-    conversion keeps the Parameter objects, so optimisers made earlier still hold them."""
-    if not info.distributed:
-        return model
-    if device.type == "cuda":
-        return nn.parallel.DistributedDataParallel(nn.SyncBatchNorm.convert_sync_batchnorm(model),
-                                                   device_ids=[device.index])
-    return nn.parallel.DistributedDataParallel(model)
-
-
-def maybe_compile(model, enabled):
-    if not enabled:
-        return model
-    try:
-        return torch.compile(model)
-    except Exception as exc:  # compilation is an optimisation: never fatal
-        print(f"warning: torch.compile failed ({exc}); running eagerly")
-        return model
-
-
-def make_optimizer(params, lr, betas, device):
-    # Fused Adam does the whole update in one kernel; fall back where unsupported.
-    try:
-        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.Adam(params, lr=lr, betas=betas, foreach=device.type == "cuda")
 
 
 # --------------------------------------------------------------------------- one step
@@ -312,50 +108,6 @@ def step_config_from_args(args, autocast):
     return StepConfig(l1_lambda=args.l1_lambda, real_label_range=tuple(args.real_label_range),
                       fake_label_range=tuple(args.fake_label_range), smooth_real=args.smooth_real,
                       smooth_fake=args.smooth_fake, autocast=autocast)
-
-
-# --------------------------------------------------------------------------- figures
-
-def to_uint8_image(tensor):
-    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8."""
-    return ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def triplet_grid(labels, real, fake, gap=4):
-    """Rows of mask (palette) | real | fake, as one uint8 image."""
-    rows = []
-    for lab, r, f in zip(labels, real, fake):
-        tiles = [labels_to_rgb(lab.cpu().numpy()), to_uint8_image(r), to_uint8_image(f)]
-        spacer = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
-        rows.append(np.concatenate([tiles[0], spacer, tiles[1], spacer, tiles[2]], axis=1))
-    spacer = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
-    return np.concatenate([x for row in rows for x in (row, spacer)][:-1], axis=0)
-
-
-def save_png(array, path):
-    from PIL import Image
-    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
-
-
-@torch.no_grad()
-def generate(generator, mask, autocast, norm_mode="eval"):
-    """Run the generator with an explicit normalisation mode, restoring its state.
-
-    eval: running BatchNorm statistics and no dropout (deterministic); train: batch
-    statistics and dropout as in the pix2pix paper, without touching the running
-    statistics stored in the model.
-    """
-    was_training = generator.training
-    # Only train mode updates BatchNorm's running statistics: keep them to put back.
-    saved = {k: v.clone() for k, v in generator.state_dict().items()
-             if norm_mode == "train" and ("running_" in k or "num_batches" in k)}
-    generator.train(norm_mode == "train")
-    with autocast:
-        fake = generator(mask).float()
-    if saved:
-        generator.load_state_dict(saved, strict=False)
-    generator.train(was_training)
-    return fake
 
 
 # --------------------------------------------------------------------------- wandb
@@ -416,13 +168,9 @@ def take_run_options(args, saved, log, names=RUN_OPTIONS):
 def run_training(args, build_datasets, require_distributed=False):
     """Train G and D. `build_datasets(args)` returns (train dataset, sample dataset);
     items are (labels uint8 (H, W), image uint8 (3, H, W))."""
-    info, device = setup_distributed(args.device, args.dist_timeout, require=require_distributed)
-    args.channels_last = resolve_channels_last(args.channels_last, device)
-    try:
-        with StopRequest() as stop:
-            _train(args, build_datasets, info, device, stop)
-    finally:
-        cleanup_distributed()
+    with distributed(args.device, args.dist_timeout, args.channels_last, require=require_distributed) \
+            as (info, device, args.channels_last), StopRequest() as stop:
+        _train(args, build_datasets, info, device, stop)
 
 
 def _train(args, build_datasets, info, device, stop):
@@ -431,10 +179,6 @@ def _train(args, build_datasets, info, device, stop):
     precision = resolve_precision(args.precision, device)
     autocast = autocast_context(device, precision)
     log = print if info.is_main else (lambda *a, **k: None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
     if info.is_main:
         # Temp files left by a run killed while saving; the checkpoints themselves are intact.
@@ -530,9 +274,9 @@ def _train(args, build_datasets, info, device, stop):
     def save(epoch, batches_done, sums, also_as=None):
         state = checkpoint_state(epoch, batches_done, sums)  # collective under DDP: all ranks call
         if info.is_main:
-            atomic_torch_save(state, ckpt_dir / "last.pt")
+            atomic_save_torch(state, ckpt_dir / "last.pt")
             if also_as:
-                atomic_torch_save(state, ckpt_dir / also_as)
+                atomic_save_torch(state, ckpt_dir / also_as)
         barrier()
 
     for epoch in range(start_epoch, args.epochs):
@@ -584,7 +328,7 @@ def _train(args, build_datasets, info, device, stop):
             if sample_labels is not None:
                 mask, real = prepare_batch(sample_labels, sample_images, device, args.channels_last)
                 fake = generate(unwrap(generator), mask, autocast, "eval")
-                save_png(triplet_grid(sample_labels, real, fake), grid_path)
+                atomic_save_png(triplet_grid(sample_labels, real, fake), grid_path)
             save_loss_plot(history, out_dir / "loss_curves.png")
             log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in zip(LOSS_NAMES, means))
                 + f" | samples {grid_path}")

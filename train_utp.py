@@ -11,6 +11,7 @@ PNG decoding.
 from config import parse_training_args
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoCentre, UniToPathoPairs
+from generator_model import SIZE_MULTIPLE
 from train_utils import run_training
 from utils import run_main
 
@@ -18,7 +19,7 @@ from utils import run_main
 def build_datasets(args):
     train = UniToPatho(args.data_dir, "train", grade_only=args.grade_only)
     train_set = UniToPathoPairs(train, args.masks_dir, args.crop_size, args.crops_per_image, args.crop_scheme,
-                                augment=True, cache_dir=args.cache_dir)
+                                augment=True, cache_dir=args.cache_dir, size_multiple=SIZE_MULTIPLE)
     test = UniToPatho(args.data_dir, "test")
     shown = test.take(test.class_interleaved_order()[:args.num_samples])
     sample_set = UniToPathoCentre(shown, args.masks_dir, args.crop_size, cache_dir=args.cache_dir)

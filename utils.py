@@ -65,12 +65,18 @@ def atomic_write(path, write):
         raise
 
 
-def atomic_torch_save(obj, path):
+def atomic_save_torch(obj, path):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def atomic_write_text(path, text):
+def atomic_save_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_save_png(array, path):
+    """An (H, W, 3) or (H, W) uint8 array as a PNG."""
+    from PIL import Image
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
 
 
 def atomic_save_figure(fig, path, dpi=100):
@@ -80,7 +86,7 @@ def atomic_save_figure(fig, path, dpi=100):
     plt.close(fig)
 
 
-def save_npy_atomic(array, path):
+def atomic_save_npy(array, path):
     """np.save, atomically: concurrent workers and ranks never see half a file."""
     try:
         atomic_write(path, lambda f: np.save(f, array))
@@ -119,7 +125,7 @@ class ArrayCache:
             return tuple(np.load(f, mmap_mode="r") for f in files)
         arrays = derive()
         for array, f in zip(arrays, files):
-            save_npy_atomic(array, f)
+            atomic_save_npy(array, f)
         return arrays
 
 
@@ -204,24 +210,3 @@ def resolve_wandb_mode(mode):
     if mode == "auto":
         return "online" if wandb_has_credentials() else "offline"
     return mode
-
-
-def save_loss_plot(history, path, title="Training losses"):
-    """Per-epoch mean losses, one line per loss, written atomically as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        return
-    epochs = [h["epoch"] for h in history]
-    keys = [k for k in history[0] if k != "epoch"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3)
-        ax.set_title(key)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_save_figure(fig, path)

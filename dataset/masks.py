@@ -1,8 +1,17 @@
-"""Nucleus-class maps, their 6-channel one-hot form, and the PanNuke palette.
+"""Nucleus-class maps, their one-hot form, and the label sets with their palettes.
 
-Class order (= PanNuke mask channel order): 0 Neoplastic, 1 Inflammatory,
-2 Connective/Soft tissue, 3 Dead, 4 Epithelial, 5 Background.
+A label set is the list of classes a generator is conditioned on; it is part of a
+run and stored in its checkpoint. Two are native:
+- pannuke (PanNuke's mask channel order): 0 Neoplastic, 1 Inflammatory,
+  2 Connective/Soft tissue, 3 Dead, 4 Epithelial, 5 Background;
+- conic (CoNIC/Lizard class ids): 0 Background, 1 Neutrophil, 2 Epithelial,
+  3 Lymphocyte, 4 Plasma, 5 Eosinophil, 6 Connective.
+CONIC_TO_PANNUKE maps CoNIC class maps into the PanNuke set, so that a generator
+trained on CoNIC data can read UniToPatho masks drawn in the PanNuke palette.
+The module-level PanNuke constants below are the default label set.
 """
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -21,6 +30,51 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 
 
+@dataclass(frozen=True)
+class LabelSet:
+    name: str
+    class_names: tuple
+    palette: np.ndarray    # (num_classes, 3) uint8, in class order
+    background: int
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+    @property
+    def nucleus_classes(self):
+        return [c for c in range(self.num_classes) if c != self.background]
+
+
+PANNUKE = LabelSet("pannuke", CLASS_NAMES, PALETTE, BACKGROUND)
+CONIC = LabelSet(
+    "conic", ("Background", "Neutrophil", "Epithelial", "Lymphocyte", "Plasma", "Eosinophil", "Connective"),
+    np.array([
+        (255, 255, 255),  # Background: white, as in the PanNuke palette
+        (255, 165, 0),    # Neutrophil: orange
+        (0, 128, 0),      # Epithelial: green
+        (255, 0, 0),      # Lymphocyte: red
+        (0, 255, 255),    # Plasma: cyan
+        (0, 0, 255),      # Eosinophil: blue
+        (255, 255, 0),    # Connective: yellow
+    ], dtype=np.uint8),
+    background=0)
+LABEL_SETS = {ls.name: ls for ls in (PANNUKE, CONIC)}
+
+# CoNIC class id -> PanNuke class id. The five immune cell types are PanNuke's
+# "Inflammatory"; Lizard does not tell neoplastic from normal epithelium, so its
+# epithelial nuclei become "Epithelial".
+CONIC_TO_PANNUKE = np.array([BACKGROUND, 1, 4, 1, 1, 1, 2], dtype=np.uint8)
+
+
+def label_set(name):
+    """The LabelSet called `name` (a ValueError lists the known ones)."""
+    try:
+        return LABEL_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown label set {name!r}; known: {', '.join(LABEL_SETS)}") from None
+
+
 def pannuke_to_labels(mask):
     """(H, W, 6) PanNuke mask -> (H, W) uint8 class map.
 
@@ -36,18 +90,18 @@ def pannuke_to_labels(mask):
     return labels
 
 
-def labels_to_onehot(labels, dtype=torch.float32):
-    """(..., H, W) integer class map tensor -> (..., 6, H, W) one-hot."""
-    onehot = torch.nn.functional.one_hot(labels.long(), NUM_CLASSES)
+def labels_to_onehot(labels, num_classes=NUM_CLASSES, dtype=torch.float32):
+    """(..., H, W) integer class map tensor -> (..., num_classes, H, W) one-hot."""
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes)
     return onehot.movedim(-1, -3).to(dtype)
 
 
-def labels_to_rgb(labels):
+def labels_to_rgb(labels, labels_set=PANNUKE):
     """(H, W) class map -> (H, W, 3) uint8 palette image (for figures and mask PNGs)."""
-    return PALETTE[np.asarray(labels)]
+    return labels_set.palette[np.asarray(labels)]
 
 
-def rgb_to_labels(rgb, tolerance=40, source="mask"):
+def rgb_to_labels(rgb, tolerance=40, source="mask", labels_set=PANNUKE):
     """(H, W, 3) palette image -> (H, W) class map.
 
     Colours within `tolerance` (max abs difference per channel) of a palette colour
@@ -62,12 +116,13 @@ def rgb_to_labels(rgb, tolerance=40, source="mask"):
     flat = rgb.reshape(-1, 3).astype(np.uint32)
     packed, inverse = np.unique((flat[:, 0] << 16) | (flat[:, 1] << 8) | flat[:, 2], return_inverse=True)
     colours = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=1)
-    dist = np.abs(colours[:, None, :].astype(np.int16) - PALETTE[None].astype(np.int16)).max(-1)
+    palette = labels_set.palette
+    dist = np.abs(colours[:, None, :].astype(np.int16) - palette[None].astype(np.int16)).max(-1)
     nearest = dist.argmin(1)
     bad = dist[np.arange(len(colours)), nearest] > tolerance
     if bad.any():
         colour = tuple(int(v) for v in colours[bad][0])
         count = int(bad[inverse.ravel()].sum())
-        raise ValueError(f"{source}: colour {colour} ({count} px) is not in the mask palette "
-                         f"{[tuple(map(int, p)) for p in PALETTE]} (tolerance {tolerance})")
+        raise ValueError(f"{source}: colour {colour} ({count} px) is not in the {labels_set.name} mask palette "
+                         f"{[tuple(map(int, p)) for p in palette]} (tolerance {tolerance})")
     return nearest[inverse.ravel()].astype(np.uint8).reshape(rgb.shape[:2])

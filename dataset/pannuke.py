@@ -13,11 +13,10 @@ the training device, which keeps worker-to-GPU traffic small.
 """
 from pathlib import Path
 
-import albumentations as A
 import numpy as np
 import torch
-from PIL import Image
 
+from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
 from dataset.masks import NUM_CLASSES, pannuke_to_labels
 from utils import UserError
 
@@ -26,55 +25,11 @@ TISSUES = ("Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon",
            "Thyroid", "Uterus")
 
 
-def joint_augmentation():
-    """Flips and 90-degree rotations (all 8 symmetries of the square), applied to
-    image and mask together; nucleus masks have no preferred orientation."""
-    return A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=1.0)])
-
-
-class SeededAugmentation:
-    """Apply an albumentations pipeline with a seed chosen per item.
-
-    The sampler hands each item an explicit seed derived from (run seed, epoch,
-    index), so an item's augmentation does not depend on worker count, process
-    count, or whether the run was resumed: resumed and uninterrupted runs match.
-    """
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, image, labels, seed):
-        if seed is None:
-            return image, labels
-        self.transform.set_random_seed(int(seed))
-        out = self.transform(image=image, mask=labels)
-        return np.ascontiguousarray(out["image"]), np.ascontiguousarray(out["mask"])
-
-
-def split_item(item):
-    """Samplers in train_utils yield (index, seed); plain indexing gives just an index."""
-    if isinstance(item, tuple):
-        return item
-    return item, None
-
-
-def to_item(image, labels):
-    image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
-    return torch.from_numpy(np.ascontiguousarray(labels)), image
-
-
 def fold_paths(data_dir, k):
     root = Path(data_dir) / f"Fold {k}"
     return {"images": root / "images" / f"fold{k}" / "images.npy",
             "types": root / "images" / f"fold{k}" / "types.npy",
             "masks": root / "masks" / f"fold{k}" / "masks.npy"}
-
-
-def _load_npy(path, mmap=True):
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as exc:
-        raise UserError(f"cannot read {path}: {exc}") from None
 
 
 def open_fold(data_dir, k):
@@ -85,9 +40,9 @@ def open_fold(data_dir, k):
         raise UserError(f"PanNuke fold {k} is incomplete under {data_dir}: missing {', '.join(missing)} "
                         f"(expected the official layout 'Fold {k}/images/fold{k}/images.npy', "
                         f"'Fold {k}/images/fold{k}/types.npy', 'Fold {k}/masks/fold{k}/masks.npy')")
-    images = _load_npy(paths["images"])
-    masks = _load_npy(paths["masks"])
-    types = _load_npy(paths["types"], mmap=False)
+    images = load_npy(paths["images"])
+    masks = load_npy(paths["masks"])
+    types = load_npy(paths["types"], mmap=False)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise UserError(f"{paths['images']}: expected shape (N, H, W, 3), got {images.shape}")
     if masks.ndim != 4 or masks.shape[-1] != NUM_CLASSES:
@@ -99,7 +54,7 @@ def open_fold(data_dir, k):
     for name, arr in (("images", images), ("masks", masks)):
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise UserError(f"{paths[name]}: expected a numeric array (float64 in the release), got dtype {arr.dtype}")
-    if not (types.dtype.kind in "US"):
+    if types.dtype.kind not in "US":
         raise UserError(f"{paths['types']}: expected tissue names (strings), got dtype {types.dtype}")
     return images, masks, types.astype(str)
 
@@ -169,7 +124,7 @@ class PanNukeConverted(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = split_item(item)
         image = read_rgb(self.images[index])
-        mask = _load_npy(self.masks[index], mmap=False)
+        mask = load_npy(self.masks[index], mmap=False)
         if mask.ndim != 3 or mask.shape[2] != NUM_CLASSES or mask.shape[:2] != image.shape[:2]:
             raise UserError(f"{self.masks[index]}: expected shape {image.shape[:2] + (NUM_CLASSES,)} "
                             f"to match {self.images[index].name}, got {mask.shape}")
@@ -177,15 +132,6 @@ class PanNukeConverted(torch.utils.data.Dataset):
         if self.augment:
             image, labels = self.augment(image, labels, seed)
         return to_item(image, labels)
-
-
-def read_rgb(path):
-    """Decode an image file to (H, W, 3) uint8, with a clear error for broken files."""
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"cannot decode image {path}: {exc}") from None
 
 
 def is_converted_layout(data_dir):

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from dataset.pannuke import read_rgb
+from dataset.common import read_rgb
 from utils import UserError
 
 SPLITS = ("train", "test")

@@ -10,18 +10,15 @@ step, so each visit cuts several crops from one decoded pair (--crops-per-image)
 and --cache-dir keeps decoded arrays as .npy files that later epochs memory-map:
 a crop then reads only its own bytes.
 """
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dataset.common import SeededAugmentation, joint_augmentation, read_rgb, split_item, to_item
 from dataset.masks import rgb_to_labels
-from dataset.pannuke import SeededAugmentation, joint_augmentation, read_rgb, split_item, to_item
-from dataset.unitopatho import UniToPatho, missing_files_error
-from generator_model import SIZE_MULTIPLE
-from train_utils import make_loader
+from dataset.unitopatho import missing_files_error
 from utils import ArrayCache, UserError
 
 MASK_SPLIT_DIRS = {"train": "training", "test": "test"}
@@ -91,10 +88,10 @@ class UniToPathoPairs(torch.utils.data.Dataset):
     """
 
     def __init__(self, dataset, masks_dir, crop_size=256, crops_per_image=4, crop_scheme="random", augment=True,
-                 cache_dir=None):
-        if crop_size <= 0 or crop_size % SIZE_MULTIPLE:
-            raise UserError(f"--crop-size must be a positive multiple of {SIZE_MULTIPLE} (the U-Net's "
-                            f"8 downsamplings), got {crop_size}")
+                 cache_dir=None, size_multiple=1):
+        if crop_size <= 0 or crop_size % size_multiple:
+            raise UserError(f"--crop-size must be a positive multiple of {size_multiple} (what the generator's "
+                            f"downsamplings need), got {crop_size}")
         if crops_per_image < 1:
             raise UserError(f"--crops-per-image must be at least 1, got {crops_per_image}")
         if crop_scheme not in CROP_SCHEMES:
@@ -156,30 +153,3 @@ class UniToPathoCentre(UniToPathoPairs):
         image, labels = self.decode(index)
         y, x = centre_origin(*labels.shape, self.crop_size)
         return to_item(*self.crop(image, labels, y, x))
-
-
-def loader_throughput(data_dir, masks_dir, workers, cache_dir=None, images=32, batch_size=4, crop_size=256,
-                      crops_per_image=4, crop_scheme="random", seed=0):
-    """Measure the training loader on the first `images` train images with `workers`
-    worker processes, as train_utp.py builds it (same dataset, augmentation, loader).
-
-    With cache_dir, an untimed pass fills the cache first, so the figure is the
-    memory-mapped steady state of later epochs; without, every item decodes PNGs.
-    Returns {"images_per_s", "crops_per_s", "images", "crops", "seconds"}.
-    """
-    split = UniToPatho(data_dir, "train")
-    pairs = UniToPathoPairs(split.take(range(min(images, len(split)))), masks_dir, crop_size, crops_per_image,
-                            crop_scheme, augment=True, cache_dir=cache_dir)
-    if cache_dir:
-        for i in range(len(pairs)):
-            pairs.decode(i)
-    order = [(i, seed + i) for i in range(len(pairs))]
-    loader = make_loader(pairs, batch_size, workers, torch.device("cpu"), sampler=order)
-    start = time.perf_counter()
-    done = crops = 0
-    for labels, _ in loader:
-        done += labels.shape[0]
-        crops += labels.shape[0] * labels.shape[1]
-    seconds = time.perf_counter() - start
-    return {"images_per_s": done / seconds, "crops_per_s": crops / seconds, "images": done, "crops": crops,
-            "seconds": seconds}

@@ -9,8 +9,9 @@ import torch
 
 import bench
 from dataset.pannuke import PanNukeFolds
-from train_utils import (StepConfig, autocast_context, build_discriminator, build_generator, resolve_channels_last,
-                         resolve_precision)
+from gan import build_discriminator, build_generator
+from runtime import autocast_context, resolve_channels_last, resolve_precision
+from train_utils import StepConfig
 
 FIELDS = ("train_baseline_img_s", "train_default_img_s", "train_speedup_vs_fp32_baseline", "train_default_gflops",
           "train_baseline_gflops", "train_gflop_per_img", "train_default_peak_fraction", "matmul_peak_fp32_gflops",

@@ -25,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from train_utils import SeededSampler, load_generator, read_checkpoint  # noqa: E402
+from gan import load_generator, read_checkpoint  # noqa: E402
+from runtime import SeededSampler  # noqa: E402
 
 PYTHON = str(Path(sys.executable))
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))

@@ -16,8 +16,10 @@ from PIL import Image, ImageFilter
 import evaluate
 import metrics
 from dataset.masks import NUM_CLASSES, labels_to_rgb
-from segmenter import CHECKPOINT_KIND as SEGMENTER_KIND, build_segmenter
-from utils import UserError, save_loss_plot
+from figures import save_loss_plot
+from segmenter import CHECKPOINT_KIND as SEGMENTER_KIND
+from segmenter import build_segmenter
+from utils import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,7 +1,6 @@
 """test.py on PanNuke: one PNG per test sample, grids, skip/overwrite, --norm-mode."""
 import importlib.util
 import os
-
 from pathlib import Path
 
 import numpy as np

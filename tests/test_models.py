@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from discriminator_model import Discriminator
+from gan import build_discriminator, build_generator
 from generator_model import Generator, init_weights, make_norm
-from train_utils import build_discriminator, build_generator
 
 
 def _onehot_batch(b, size=256, seed=0):

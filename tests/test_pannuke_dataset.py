@@ -4,10 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from dataset.masks import (BACKGROUND, NUM_CLASSES, PALETTE, labels_to_onehot, labels_to_rgb, pannuke_to_labels,
-                           rgb_to_labels)
+from dataset.masks import (
+    BACKGROUND,
+    NUM_CLASSES,
+    PALETTE,
+    labels_to_onehot,
+    labels_to_rgb,
+    pannuke_to_labels,
+    rgb_to_labels,
+)
 from dataset.pannuke import PanNukeConverted, PanNukeFolds, build_pannuke
-
 
 # --------------------------------------------------------------------------- masks
 

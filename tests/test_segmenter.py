@@ -19,10 +19,22 @@ from PIL import Image
 from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES, PALETTE, rgb_to_labels
 from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho_mask import read_mask
-from segmenter import (CHECKPOINT_KIND, Segmenter, StainNormalizer, confusion_matrix, dice_iou, load_encoder_weights,
-                       load_segmenter, optical_density, predict_probs, read_segmenter_checkpoint, segment_image,
-                       segmentation_loss, summarize)
-from utils import UserError, atomic_torch_save
+from segmenter import (
+    CHECKPOINT_KIND,
+    Segmenter,
+    StainNormalizer,
+    confusion_matrix,
+    dice_iou,
+    load_encoder_weights,
+    load_segmenter,
+    optical_density,
+    predict_probs,
+    read_segmenter_checkpoint,
+    segment_image,
+    segmentation_loss,
+    summarize,
+)
+from utils import UserError, atomic_save_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,9 +74,10 @@ def seg_checkpoint(pannuke_folds, tmp_path_factory):
 
 
 def gan_checkpoint(path):
-    from train_utils import CHECKPOINT_KIND as GAN_KIND, build_generator
+    from gan import CHECKPOINT_KIND as GAN_KIND
+    from gan import build_generator
     cfg = dict(ngf=4, ndf=4, norm="batch", dropout=True)
-    atomic_torch_save({"kind": GAN_KIND, "version": 1, "generator": build_generator(cfg).state_dict(),
+    atomic_save_torch({"kind": GAN_KIND, "version": 1, "generator": build_generator(cfg).state_dict(),
                        "model_config": cfg}, path)
     return path
 
@@ -226,7 +239,7 @@ def test_train_under_torchrun(pannuke_folds, tmp_path):
 def test_checkpoint_kinds_are_not_interchangeable(seg_checkpoint, tmp_path, capsys):
     import make_masks
     import train_segmenter
-    from train_utils import load_generator
+    from gan import load_generator
     gan = gan_checkpoint(tmp_path / "gan.pt")
     with pytest.raises(UserError, match="pix2pix GAN checkpoint"):
         read_segmenter_checkpoint(gan)

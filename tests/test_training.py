@@ -12,8 +12,9 @@ import torch
 
 import utils
 from dataset.pannuke import PanNukeFolds
-from train_utils import (SeededSampler, StepConfig, build_discriminator, build_generator, gan_train_step,
-                         make_optimizer, prepare_batch)
+from gan import build_discriminator, build_generator, prepare_batch
+from runtime import SeededSampler, make_optimizer
+from train_utils import StepConfig, gan_train_step
 
 CKPT = Path("checkpoints") / "last.pt"
 
@@ -121,7 +122,7 @@ def _leftovers(folder):
 @pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
 def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch, error):
     path = tmp_path / "ckpt" / "last.pt"
-    utils.atomic_torch_save({"w": torch.arange(5)}, path)
+    utils.atomic_save_torch({"w": torch.arange(5)}, path)
     before = path.read_bytes()
     assert _leftovers(path.parent) == []
 
@@ -134,14 +135,14 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path, monkeypatch, error
 
     monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(type(error)):
-        utils.atomic_torch_save({"w": torch.arange(7)}, path)
+        utils.atomic_save_torch({"w": torch.arange(7)}, path)
     monkeypatch.undo()
 
     assert path.read_bytes() == before
     assert torch.equal(load(path)["w"], torch.arange(5))
     assert _leftovers(path.parent) == [], "temporary file left behind"
 
-    utils.atomic_torch_save({"w": torch.arange(9)}, path)
+    utils.atomic_save_torch({"w": torch.arange(9)}, path)
     assert torch.equal(load(path)["w"], torch.arange(9))
     assert _leftovers(path.parent) == []
 

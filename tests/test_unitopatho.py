@@ -20,14 +20,16 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from utp_fixtures import UTP_META, make_utp_fixture, shared_data_available  # noqa: E402
+
 from dataset.masks import PALETTE, labels_to_rgb  # noqa: E402
 from dataset.unitopatho import CLASSES, UniToPatho  # noqa: E402
-from dataset.unitopatho_mask import (DecodeCache, UniToPathoCentre, UniToPathoPairs, loader_throughput,  # noqa: E402
-                                     read_mask)
+from bench import loader_throughput  # noqa: E402
+from dataset.unitopatho_mask import DecodeCache, UniToPathoCentre, UniToPathoPairs, read_mask  # noqa: E402
+from gan import load_generator  # noqa: E402
+from runtime import autocast_context  # noqa: E402
 from tiling import generate_tiled, generate_whole  # noqa: E402
-from train_utils import autocast_context, load_generator  # noqa: E402
 from utils import UserError  # noqa: E402
-from utp_fixtures import UTP_META, make_utp_fixture, shared_data_available  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not shared_data_available(), reason="../shared/data (UniToPatho CSVs, H&E) absent")
 

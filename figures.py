@@ -1,0 +1,42 @@
+"""Figures written during training and generation: sample grids and loss curves."""
+import numpy as np
+
+from dataset.masks import labels_to_rgb
+from utils import atomic_save_figure
+
+
+def to_uint8_image(tensor):
+    """(3, H, W) tensor in [-1, 1] -> (H, W, 3) uint8."""
+    return ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def triplet_grid(labels, real, fake, gap=4):
+    """Rows of mask (palette) | real | fake, as one uint8 image."""
+    rows = []
+    for lab, r, f in zip(labels, real, fake):
+        tiles = [labels_to_rgb(lab.cpu().numpy()), to_uint8_image(r), to_uint8_image(f)]
+        spacer = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([tiles[0], spacer, tiles[1], spacer, tiles[2]], axis=1))
+    spacer = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
+    return np.concatenate([x for row in rows for x in (row, spacer)][:-1], axis=0)
+
+
+def save_loss_plot(history, path, title="Training losses"):
+    """Per-epoch mean losses, one line per loss, written atomically as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    epochs = [h["epoch"] for h in history]
+    keys = [k for k in history[0] if k != "epoch"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", ms=3)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_save_figure(fig, path)
