@@ -55,9 +55,10 @@ from config import (
     REAL_LABEL_RANGE,
 )
 from dataset.masks import PALETTE
-from dataset.pannuke import PanNukeFolds, write_demo_folds
+from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs
+from demo import write_demo_folds
 from tiling import generate_tiled, generate_whole
 from utils import run_main
 

@@ -67,24 +67,23 @@ from utils import (
 )
 
 CHECKPOINT_KIND = "utp-classifier"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=config.HelpFormatter)
-    p.add_argument("--data-dir", default=config.UTP_DIR,
-                   help="real UniToPatho '800' folder (train.csv, test.csv, class folders)")
+    config.add_utp_data_args(p, "real UniToPatho '800' folder (train.csv, test.csv, class folders)", masks=False)
     p.add_argument("--synthetic-dir", default=None,
                    help="synthetic training images: S/train.csv + S/<top_label_name>/<image_id>")
     p.add_argument("--target", default="top_label", choices=list(CLASSES), help="label to predict")
     p.add_argument("--out-dir", default="runs/classify",
                    help="where metrics.json, confusion_matrix.png, classifier.pt go")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of (number of real training images) draws")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size per process")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-annealed to 0 over the run")
-    p.add_argument("--image-size", type=int, default=224, help="side images are resized to")
+    p.add_argument("--epochs", type=int, default=config.CLASSIFIER_EPOCHS,
+                   help="epochs of (number of real training images) draws")
+    p.add_argument("--batch-size", type=int, default=config.CLASSIFIER_BATCH_SIZE, help="batch size per process")
+    p.add_argument("--lr", type=float, default=config.CLASSIFIER_LR,
+                   help="Adam learning rate, cosine-annealed to 0 over the run")
+    p.add_argument("--image-size", type=int, default=config.CLASSIFIER_IMAGE_SIZE, help="side images are resized to")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="keep each image resized to --image-size here as .npy (about 150 KB at 224 px), so epochs "
                         "after the first skip decoding the 1812 px PNGs")
@@ -207,8 +206,8 @@ def build_classifier(num_classes, weights):
 
 def to_input(images, device, channels_last):
     """uint8 (B, 3, H, W) -> ImageNet-normalised float on the device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(config.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(config.IMAGENET_STD, device=device).view(1, 3, 1, 1)
     x = (images.to(device, non_blocking=True).float() / 255 - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 

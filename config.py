@@ -5,6 +5,9 @@ batch 2, 150 epochs, smoothed labels). Any of them can be overridden on the
 command line; `python train_pannuke.py --help` lists them with explanations.
 """
 import argparse
+from pathlib import Path
+
+from utils import UserError
 
 # Optimisation (pix2pix / the original project)
 EPOCHS = 150
@@ -27,8 +30,34 @@ TEST_FOLDS = (3,)
 TISSUE = "Colon"
 UTP_DIR = "data/unitopatho/800"
 UTP_MASKS_DIR = "data/unitopatho_masks"
+CONIC_DIR = "data/conic"
+CONIC_TEST_FRACTION = 0.2
 CROP_SIZE = 256
 CROPS_PER_IMAGE = 4
+
+# Resolutions (um per pixel)
+PANNUKE_MPP = 0.25       # 40x
+UNITOPATHO_MPP = 0.4415  # 20x (NanoZoomer S210)
+CONIC_MPP = 0.5          # 20x (Lizard / CoNIC)
+
+# Nucleus segmenter (train_segmenter.py)
+SEGMENTER_EPOCHS = 50
+SEGMENTER_BATCH_SIZE = 16
+SEGMENTER_LR = 1e-3
+SEGMENTER_WIDTH = 32
+SEGMENTER_RUN_OPTIONS = ("dataset", "train_folds", "tissue", "test_fraction", "split_file", "label_set", "encoder", "width",
+                         "batch_size", "lr", "seed")
+SEGMENTATION_TILE = 512        # segmenter tile side at the model's resolution (make_masks.py, evaluate.py)
+SEGMENTATION_OVERLAP = 64
+SEGMENTATION_BATCH_SIZE = 8
+
+# UniToPatho classifier (classify_utp.py), on ImageNet-normalised inputs
+CLASSIFIER_EPOCHS = 20
+CLASSIFIER_BATCH_SIZE = 32
+CLASSIFIER_LR = 1e-3
+CLASSIFIER_IMAGE_SIZE = 224
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Run bookkeeping
 SEED = 42
@@ -41,8 +70,9 @@ DIST_TIMEOUT_MINUTES = 30
 # Options that define a run. On --resume, those not given on the command line are
 # taken from the checkpoint, so the resumed run goes on training the same way.
 RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
-               "ngf", "ndf", "norm", "dropout", "batch_size", "lr", "beta1", "beta2", "scale_lr", "l1_lambda",
-               "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed")
+               "split_file", "test_fraction", "label_set",
+               "ngf", "ndf", "norm", "dropout", "unet_depth", "batch_size", "lr", "beta1", "beta2", "scale_lr",
+               "l1_lambda", "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed")
 
 # `--demo`: small enough to train in about two minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
@@ -77,40 +107,111 @@ def add_model_args(p):
     g.add_argument("--norm", default=NORM, choices=["batch", "instance"], help="normalisation layers")
     g.add_argument("--dropout", default=True, action=argparse.BooleanOptionalAction,
                    help="dropout in the first three decoder blocks (pix2pix's noise source)")
+    g.add_argument("--unet-depth", type=int, default=None,
+                   help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
+                        "8 for 256 px and larger), as pix2pix's unet_128 / unet_256")
+
+
+def add_pannuke_data_args(p, test_folds_help):
+    g = p.add_argument_group("data (PanNuke)")
+    g.add_argument("--data-dir", default=PANNUKE_DIR,
+                   help="PanNuke root holding 'Fold 1', 'Fold 2', 'Fold 3' (official release) or "
+                        "train/ and test/ (converted layout)")
+    g.add_argument("--train-folds", type=int, nargs="+", default=list(TRAIN_FOLDS), help="folds to train on")
+    g.add_argument("--test-folds", type=int, nargs="+", default=list(TEST_FOLDS), help=test_folds_help)
+    g.add_argument("--tissue", default=TISSUE, help="one of PanNuke's 19 tissues, or 'all'")
+    return g
+
+
+def add_utp_data_args(p, data_help="UniToPatho '800' folder (train.csv, test.csv, class folders)", masks=True):
+    g = p.add_argument_group("data (UniToPatho)")
+    g.add_argument("--data-dir", default=UTP_DIR, help=data_help)
+    if masks:
+        g.add_argument("--masks-dir", default=UTP_MASKS_DIR,
+                       help="masks root holding training/masks/ and test/masks/ (palette PNGs, same file names)")
+    return g
+
+
+def add_utp_training_data_args(p):
+    g = add_utp_data_args(p)
+    g.add_argument("--crop-size", type=int, default=CROP_SIZE, help="training crop size (a multiple of 256)")
+    g.add_argument("--crops-per-image", type=int, default=CROPS_PER_IMAGE,
+                   help="random crops taken from each decoded image per visit")
+    g.add_argument("--crop-scheme", default="random", choices=["random", "fivecrop"],
+                   help="random crops, or the original's FiveCrop (four corners + centre)")
+    g.add_argument("--grade-only", default=False, action=argparse.BooleanOptionalAction,
+                   help="train only on images with a dysplasia grade (grade >= 0), as the original did")
+    g.add_argument("--cache-dir", default=None,
+                   help="cache decoded images and masks as .npy here (memory-mapped on later epochs)")
+
+
+def add_pannuke_training_data_args(p):
+    g = add_pannuke_data_args(p, "folds for the sample grids (and test.py)")
+    g.add_argument("--demo", action="store_true",
+                   help="build a small PanNuke-format dataset from the real H&E in demo_assets/ (no download) "
+                        "under OUT/demo_data and train a small model on it: "
+                        + ", ".join(f"{k}={v}" for k, v in DEMO_OVERRIDES.items()))
+
+
+def add_segmentation_args(g, batch_flag="--batch-size"):
+    """Running a trained segmenter over whole images (make_masks.py, evaluate.py)."""
+    g.add_argument("--source-mpp", type=float, default=UNITOPATHO_MPP, help="um per pixel of the images")
+    g.add_argument("--model-mpp", type=float, default=None,
+                   help="um per pixel the segmenter was trained at (default: as its checkpoint records, "
+                        f"{PANNUKE_MPP} for PanNuke, {CONIC_MPP} for CoNIC)")
+    g.add_argument("--tile", type=int, default=SEGMENTATION_TILE,
+                   help="segmenter tile side in pixels at the model's resolution")
+    g.add_argument("--overlap", type=int, default=SEGMENTATION_OVERLAP, help="pixels shared by neighbouring tiles")
+    g.add_argument(batch_flag, type=int, default=SEGMENTATION_BATCH_SIZE, help="tiles per segmenter forward pass")
+    g.add_argument("--stain-normalize", action="store_true",
+                   help="Macenko-normalise each image before segmenting (use it when the masks were made that way)")
+    g.add_argument("--reference", default=None, metavar="IMG",
+                   help="H&E image whose stains --stain-normalize matches; without it, torchstain's built-in "
+                        "reference stain vectors")
+
+
+def check_segmentation_args(args):
+    if args.reference and not args.stain_normalize:
+        raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
+    if args.source_mpp <= 0 or (args.model_mpp is not None and args.model_mpp <= 0):
+        raise UserError("--source-mpp and --model-mpp must be positive")
+
+
+def add_conic_split_args(g):
+    g.add_argument("--test-fraction", type=float, default=CONIC_TEST_FRACTION,
+                   help="share of patches held out for testing, whole source images at a time")
+    g.add_argument("--split-file", default=None,
+                   help="a CSV with columns patch_info,split (train/test) to use instead of a seeded split by "
+                        "source image")
+
+
+def add_conic_training_data_args(p):
+    g = p.add_argument_group("data (CoNIC / Lizard)")
+    g.add_argument("--data-dir", default=CONIC_DIR,
+                   help="CoNIC release folder: images.npy, labels.npy, patch_info.csv (counts.csv optional)")
+    add_conic_split_args(g)
+    g.add_argument("--label-set", default="conic", choices=["conic", "pannuke"],
+                   help="classes the generator is conditioned on: CoNIC's 6 nucleus types, or mapped to "
+                        "PanNuke's (to paint UniToPatho masks drawn in the PanNuke palette)")
+    g.add_argument("--check-data", action="store_true",
+                   help="check every patch's values at start-up (default: a sample; each patch is also checked "
+                        "when read)")
+
+
+TRAINING_DATA_ARGS = {"PanNuke": (add_pannuke_training_data_args, "runs/pannuke"),
+                      "UniToPatho": (add_utp_training_data_args, "runs/unitopatho"),
+                      "CoNIC": (add_conic_training_data_args, "runs/conic")}
 
 
 def training_parser(dataset):
-    """Options shared by train_pannuke.py and train_utp.py (and their _ddp twins)."""
+    """Options shared by the GAN training scripts (and their _ddp twins); `dataset`
+    names the data options (a key of TRAINING_DATA_ARGS)."""
+    add_data_args, out_dir = TRAINING_DATA_ARGS[dataset]
     p = argparse.ArgumentParser(
         description=f"Train a mask-conditioned Pix2pix (U-Net generator + 70x70 PatchGAN) on {dataset}. "
                     "The same script runs on one device or under torchrun (see train_*_ddp.py).",
         formatter_class=HelpFormatter)
-    g = p.add_argument_group("data")
-    if dataset == "PanNuke":
-        g.add_argument("--data-dir", default=PANNUKE_DIR,
-                       help="PanNuke root holding 'Fold 1', 'Fold 2', 'Fold 3' (official release) or "
-                            "train/ and test/ (converted layout)")
-        g.add_argument("--train-folds", type=int, nargs="+", default=list(TRAIN_FOLDS), help="folds to train on")
-        g.add_argument("--test-folds", type=int, nargs="+", default=list(TEST_FOLDS),
-                       help="folds for the sample grids (and test.py)")
-        g.add_argument("--tissue", default=TISSUE, help="one of PanNuke's 19 tissues, or 'all'")
-        g.add_argument("--demo", action="store_true",
-                       help="build a small PanNuke-format dataset from tissue shipped with scikit-image "
-                            "(no download) under OUT/demo_data and train a small model on it: "
-                            + ", ".join(f"{k}={v}" for k, v in DEMO_OVERRIDES.items()))
-    else:
-        g.add_argument("--data-dir", default=UTP_DIR, help="UniToPatho '800' folder (train.csv, test.csv, class folders)")
-        g.add_argument("--masks-dir", default=UTP_MASKS_DIR,
-                       help="masks root holding training/masks/ and test/masks/ (palette PNGs, same file names)")
-        g.add_argument("--crop-size", type=int, default=CROP_SIZE, help="training crop size (a multiple of 256)")
-        g.add_argument("--crops-per-image", type=int, default=CROPS_PER_IMAGE,
-                       help="random crops taken from each decoded image per visit")
-        g.add_argument("--crop-scheme", default="random", choices=["random", "fivecrop"],
-                       help="random crops, or the original's FiveCrop (four corners + centre)")
-        g.add_argument("--grade-only", default=False, action=argparse.BooleanOptionalAction,
-                       help="train only on images with a dysplasia grade (grade >= 0), as the original did")
-        g.add_argument("--cache-dir", default=None,
-                       help="cache decoded images and masks as .npy here (memory-mapped on later epochs)")
+    add_data_args(p)
     add_model_args(p)
 
     g = p.add_argument_group("optimisation")
@@ -130,10 +231,13 @@ def training_parser(dataset):
     g.add_argument("--fake-label-range", type=float, nargs=2, default=list(FAKE_LABEL_RANGE), metavar=("LO", "HI"))
 
     g = p.add_argument_group("outputs and resuming")
-    g.add_argument("--out-dir", default=f"runs/{'pannuke' if dataset == 'PanNuke' else 'unitopatho'}",
+    g.add_argument("--out-dir", default=out_dir,
                    help="run folder: checkpoints/, samples/, loss_curves.png, wandb/")
     g.add_argument("--resume", default=None, metavar="CKPT",
                    help="continue from a checkpoint (e.g. OUT/checkpoints/last.pt), same wandb run if any")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that already holds a run, deleting its checkpoints and "
+                        "samples (without it, such a run is refused)")
     g.add_argument("--save-every", type=int, default=SAVE_EVERY_EPOCHS,
                    help="also keep checkpoints/epoch_NNNN.pt every N epochs (0: only last.pt)")
     g.add_argument("--save-every-steps", type=int, default=0,
@@ -160,16 +264,67 @@ def options_given(parser, argv=None):
     return sorted(dest for dest, value in vars(namespace).items() if value is not unset)
 
 
-def parse_training_args(dataset, argv=None):
-    """Values come from, in rising priority: this file, --demo, the --resume checkpoint
-    (RUN_OPTIONS, applied by train_utils when it reads the checkpoint), the command line."""
-    parser = training_parser(dataset)
-    args, _ = parser.parse_known_args(argv)
+class RunConfig(argparse.Namespace):
+    """A run's settled options: read-only once made, so no later code can change
+    what the checkpoint will record."""
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the run's configuration is settled; {name!r} cannot change now")
+
+
+def settle_config(parser, argv=None, read_checkpoint=None, run_options=RUN_OPTIONS, log=print):
+    """Settle a run's options once, in rising priority: the parser's defaults (this
+    file), DEMO_OVERRIDES when --demo is given, the --resume checkpoint's recorded
+    options (`run_options` only), then the command line. Returns (RunConfig, the
+    checkpoint read for --resume or None)."""
+    given = options_given(parser, argv)
+    args = parser.parse_args(argv)
     if getattr(args, "demo", False):
         parser.set_defaults(**DEMO_OVERRIDES)
-    args = parser.parse_args(argv)
-    args.options_given = options_given(parser, argv)
-    return args
+        args = parser.parse_args(argv)
+        args.data_dir = str(Path(args.out_dir) / "demo_data")  # the demo writes its data inside its run
+    values = vars(args)
+    resume = read_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        taken = {name: resume["config"][name] for name in run_options
+                 if name in resume["config"] and name in values and name not in given
+                 and values[name] != resume["config"][name]}
+        values.update(taken)
+        if taken:
+            log("resume: as the checkpoint's run: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items())
+                + " (flags given on the command line win)")
+    return RunConfig(**values), resume
+
+
+def check_option_ranges(cfg, at_least=None, positive=()):
+    """One line for the first option out of range: `at_least` maps option names to
+    their lowest value; `positive` names options that must be above 0."""
+    for name, low in (at_least or {}).items():
+        if getattr(cfg, name) < low:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+
+
+def check_epochs_left(cfg, resume):
+    if resume is not None and resume["epoch"] >= cfg.epochs:
+        raise UserError(f"{cfg.resume} has already trained {resume['epoch']} epoch(s); give --epochs above "
+                        f"{resume['epoch']} to train further")
+
+
+def check_training_config(cfg):
+    """The GAN scripts' options, before any work starts."""
+    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0,
+                "num_samples": 0, "ngf": 1, "ndf": 1}
+    check_option_ranges(cfg, {**at_least, **({"crops_per_image": 1} if hasattr(cfg, "crops_per_image") else {})},
+                        positive=("lr", "dist_timeout"))
+    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
+        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
 
 
 def test_parser():
@@ -178,20 +333,28 @@ def test_parser():
         formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file, or wandb:ENTITY/PROJECT/ARTIFACT:VERSION (needs an online account)")
-    p.add_argument("--dataset", default="pannuke", choices=["pannuke", "unitopatho"])
-    p.add_argument("--data-dir", default=None, help="dataset root (as for training)")
+    p.add_argument("--dataset", default="pannuke", choices=["pannuke", "unitopatho", "conic"])
+    p.add_argument("--data-dir", default=None, help="dataset root (default: the one the checkpoint trained on)")
     p.add_argument("--test-folds", type=int, nargs="+", default=list(TEST_FOLDS), help="PanNuke folds to generate")
     p.add_argument("--tissue", default=TISSUE, help="PanNuke tissue, or 'all'")
     p.add_argument("--masks-dir", default=UTP_MASKS_DIR, help="UniToPatho masks root")
     p.add_argument("--split", default="test", choices=["test", "train"],
-                   help="UniToPatho split to synthesise (train: extra training data for classify_utp.py)")
+                   help="UniToPatho or CoNIC split to synthesise (train: extra training data); CoNIC's split is "
+                        "the training run's (its split file, or --split-file)")
+    p.add_argument("--split-file", default=None, help="CoNIC: a split CSV (patch_info,split) instead of the run's")
+    p.add_argument("--label-set", default=None, choices=["conic", "pannuke"],
+                   help="CoNIC: read the masks in CoNIC's classes or mapped to PanNuke's (default: as the "
+                        "checkpoint's run did; conic for a run on other data)")
     p.add_argument("--out-dir", required=True, help="where synthetic images go")
+    p.add_argument("--grids-dir", default=None,
+                   help="folder for the mask | real | fake grids (default: OUT.grids, beside --out-dir, so the "
+                        "synthetic tree holds only what a loader of the real data expects)")
     p.add_argument("--norm-mode", default="eval", choices=["eval", "train"],
                    help="eval: running BatchNorm statistics, no dropout (deterministic, independent of tiling "
                         "and batch); train: per-image statistics and dropout, as in the pix2pix paper")
     p.add_argument("--tile", action="store_true",
-                   help="UniToPatho: generate in overlapping 256-px tiles blended with a smooth window "
-                        "(bounded memory) instead of the whole padded image")
+                   help="UniToPatho: generate in overlapping tiles of the generator's training size, blended "
+                        "with a smooth window (bounded memory), instead of the whole padded image")
     p.add_argument("--tile-overlap", type=int, default=64, help="pixels shared by neighbouring tiles")
     p.add_argument("--batch-size", type=int, default=8, help="patches or tiles per forward pass")
     p.add_argument("--grids", type=int, default=16, help="mask | real | fake grid PNGs to write (0: none)")

@@ -58,7 +58,7 @@ from runtime import (
     resolve_device,
     resolve_precision,
 )
-from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
+from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
 from utils import UserError, atomic_save_text, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -86,14 +86,7 @@ def parser():
     p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID is averaged over")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most the set size)")
     g = p.add_argument_group("mask fidelity")
-    g.add_argument("--source-mpp", type=float, default=UNITOPATHO_MPP, help="um per pixel of the images")
-    g.add_argument("--model-mpp", type=float, default=PANNUKE_MPP, help="um per pixel the segmenter was trained at")
-    g.add_argument("--tile", type=int, default=512, help="segmenter tile side in pixels at the model's resolution")
-    g.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles")
-    g.add_argument("--tile-batch-size", type=int, default=8, help="tiles per segmenter forward pass")
-    g.add_argument("--stain-normalize", action="store_true",
-                   help="Macenko-normalise images before segmenting (use it when the masks were made that way)")
-    g.add_argument("--reference", default=None, metavar="IMG", help="stain reference for --stain-normalize")
+    config.add_segmentation_args(g, batch_flag="--tile-batch-size")
     g.add_argument("--mask-images", type=int, default=0, help="segment at most this many pairs per class (0: all)")
     g = p.add_argument_group("report")
     g.add_argument("--grid-rows", type=int, default=4, help="mask | real | synthetic rows per class")
@@ -199,7 +192,7 @@ class SegmentationInputs(torch.utils.data.Dataset):
 
 
 def mask_fidelity(pairs, args, device, workers):
-    model, _ = load_segmenter(args.segmenter, device)
+    model, model_mpp = load_pannuke_segmenter(args.segmenter, device, args.model_mpp)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = maybe_compile(model, args.compile)
@@ -207,7 +200,7 @@ def mask_fidelity(pairs, args, device, workers):
     tiling = dict(tile=args.tile, overlap=args.overlap, batch_size=args.tile_batch_size,
                   autocast=autocast_context(device, resolve_precision(args.precision, device)),
                   channels_last=args.channels_last)
-    scale = args.source_mpp / args.model_mpp
+    scale = args.source_mpp / model_mpp
     by_group = {}
     for pair in pairs:
         by_group.setdefault(pair.group, []).append(pair)
@@ -332,10 +325,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     if args.segmenter and not args.masks:
         raise UserError("--segmenter scores the synthetic images against their masks: add --masks")
-    if args.reference and not args.stain_normalize:
-        raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
-    if args.source_mpp <= 0 or args.model_mpp <= 0:
-        raise UserError("--source-mpp and --model-mpp must be positive")
+    config.check_segmentation_args(args)
     loss_curves = None
     if args.run_dir:
         loss_curves = Path(args.run_dir) / "loss_curves.png"

@@ -1,7 +1,7 @@
 """Figures written during training and generation: sample grids and loss curves."""
 import numpy as np
 
-from dataset.masks import labels_to_rgb
+from dataset.masks import PANNUKE, labels_to_rgb
 from utils import atomic_save_figure
 
 
@@ -10,11 +10,11 @@ def to_uint8_image(tensor):
     return ((tensor.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
-def triplet_grid(labels, real, fake, gap=4):
-    """Rows of mask (palette) | real | fake, as one uint8 image."""
+def triplet_grid(labels, real, fake, labels_set=PANNUKE, gap=4):
+    """Rows of mask (in the label set's palette) | real | fake, as one uint8 image."""
     rows = []
     for lab, r, f in zip(labels, real, fake):
-        tiles = [labels_to_rgb(lab.cpu().numpy()), to_uint8_image(r), to_uint8_image(f)]
+        tiles = [labels_to_rgb(lab.cpu().numpy(), labels_set), to_uint8_image(r), to_uint8_image(f)]
         spacer = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
         rows.append(np.concatenate([tiles[0], spacer, tiles[1], spacer, tiles[2]], axis=1))
     spacer = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)

@@ -1,15 +1,30 @@
-"""Pix2pix U-Net generator (Isola et al. 2017) for 6-channel one-hot nucleus masks.
+"""Pix2pix U-Net generator (Isola et al. 2017) for one-hot nucleus masks.
 
-Eight stride-2 downsamplings take a 256 x 256 input to a 1 x 1 bottleneck, so inputs
-must be multiples of 256 (test.py pads or tiles larger images). Each decoder block
-gets the matching encoder output as a skip connection; the first three decoder
-blocks use dropout, which is pix2pix's only source of noise.
+`num_downs` stride-2 downsamplings take a 2**num_downs px tile to a 1 x 1
+bottleneck, as the reference implementation's unet_256 (8) and unet_128 (7): the
+depth follows the training tile (`depth_for_tile`), and inputs must be multiples of
+2**num_downs (test.py pads or tiles larger images). Each decoder block gets the
+matching encoder output as a skip connection; the first three decoder blocks use
+dropout, which is pix2pix's only source of noise.
 """
+import math
+
 import torch
 from torch import nn
 
 NUM_DOWNSAMPLINGS = 8
 SIZE_MULTIPLE = 2 ** NUM_DOWNSAMPLINGS
+MIN_DOWNSAMPLINGS = 5
+
+
+def depth_for_tile(tile):
+    """Downsamplings for a square training tile: down to 1 x 1 (7 for 128 px, 8 for
+    256), at most 8 (larger tiles keep unet_256's depth and a larger bottleneck)."""
+    depth = min(NUM_DOWNSAMPLINGS, int(math.log2(tile))) if tile > 0 else 0
+    if depth < MIN_DOWNSAMPLINGS or tile % 2 ** depth:
+        raise ValueError(f"tiles of {tile} px do not fit the U-Net: use a multiple of 256, or a power of two "
+                         f"of at least {2 ** MIN_DOWNSAMPLINGS}")
+    return depth
 
 
 def make_norm(norm, channels):
@@ -47,16 +62,18 @@ class UpBlock(nn.Module):
 
 
 class Generator(nn.Module):
-    def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", dropout=True):
+    def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", dropout=True,
+                 num_downs=NUM_DOWNSAMPLINGS):
         super().__init__()
-        widths = [ngf, ngf * 2, ngf * 4, ngf * 8, ngf * 8, ngf * 8, ngf * 8]
-        # Encoder: 7 blocks (256 -> 2), the first without norm, then the bottleneck (2 -> 1).
+        self.size_multiple = 2 ** num_downs
+        widths = [ngf * min(2 ** i, 8) for i in range(num_downs - 1)]  # [1, 2, 4, 8, 8, ...] * ngf
+        # Encoder: num_downs - 1 blocks (256 -> 2 at depth 8), the first without norm, then the bottleneck (2 -> 1).
         self.downs = nn.ModuleList([DownBlock(in_channels, widths[0], norm, use_norm=False)])
         for cin, cout in zip(widths[:-1], widths[1:]):
             self.downs.append(DownBlock(cin, cout, norm))
         self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1], ngf * 8, 4, 2, 1, padding_mode="reflect"), nn.ReLU())
-        # Decoder: 7 blocks (1 -> 128); from the second on, input is concatenated with the skip.
-        rev = widths[::-1]  # [8,8,8,8,4,2,1] * ngf
+        # Decoder: num_downs - 1 blocks (1 -> 128 at depth 8); from the second on, input is concatenated with the skip.
+        rev = widths[::-1]  # [..., 8, 8, 4, 2, 1] * ngf
         self.ups = nn.ModuleList([UpBlock(ngf * 8, rev[0], norm, dropout)])
         for i in range(1, len(rev)):
             self.ups.append(UpBlock(rev[i - 1] * 2, rev[i], norm, dropout and i < 3))

@@ -42,27 +42,18 @@ from runtime import (
     maybe_compile,
     resolve_precision,
 )
-from segmenter import PANNUKE_MPP, UNITOPATHO_MPP, StainNormalizer, load_segmenter, segment_image
-from utils import UserError, atomic_save_png, run_main
+from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
+from utils import atomic_save_png, inside, run_main
 
 
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="segmenter checkpoint from train_segmenter.py")
-    p.add_argument("--data-dir", default=config.UTP_DIR,
-                   help="UniToPatho '800' folder (train.csv, test.csv, class folders)")
+    config.add_utp_data_args(p, masks=False)
     p.add_argument("--out-dir", default=config.UTP_MASKS_DIR,
                    help="masks root: training/masks/ and test/masks/ go here")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="CSV splits to segment")
-    p.add_argument("--source-mpp", type=float, default=UNITOPATHO_MPP, help="um per pixel of the images")
-    p.add_argument("--model-mpp", type=float, default=PANNUKE_MPP, help="um per pixel the segmenter was trained at")
-    p.add_argument("--tile", type=int, default=512, help="tile side in pixels at the model's resolution")
-    p.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbouring tiles")
-    p.add_argument("--batch-size", type=int, default=8, help="tiles per forward pass")
-    p.add_argument("--stain-normalize", action="store_true", help="Macenko-normalise each image before segmenting")
-    p.add_argument("--reference", default=None, metavar="IMG",
-                   help="H&E image whose stains --stain-normalize matches; without it, torchstain's built-in "
-                        "reference stain vectors")
+    config.add_segmentation_args(p.add_argument_group("segmentation"))
     p.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
     config.add_device_args(p)
     return p
@@ -86,12 +77,9 @@ class Images(torch.utils.data.Dataset):
 @run_main
 def main(argv=None):
     args = parser().parse_args(argv)
-    if args.reference and not args.stain_normalize:
-        raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
-    if args.source_mpp <= 0 or args.model_mpp <= 0:
-        raise UserError("--source-mpp and --model-mpp must be positive")
+    config.check_segmentation_args(args)
     with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
-        model, _ = load_segmenter(args.checkpoint, device)
+        model, model_mpp = load_pannuke_segmenter(args.checkpoint, device, args.model_mpp)
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = maybe_compile(model, args.compile)
@@ -102,7 +90,7 @@ def main(argv=None):
         for split in args.splits:
             data = UniToPatho(args.data_dir, split)
             folder = masks_folder(args.out_dir, split)
-            jobs += [(path, folder / name) for path, name in zip(data.paths, data.names)]
+            jobs += [(path, inside(folder, folder / name)) for path, name in zip(data.paths, data.names)]
         # Shard what is left, so a resumed run stays balanced; every rank lists it before any writes.
         left = [job for job in jobs if args.overwrite or not job[1].exists()]
         barrier()
@@ -115,7 +103,7 @@ def main(argv=None):
         with tqdm(total=len(todo), desc=f"segmenting ({len(jobs) - len(left)} already done)",
                   disable=not info.is_main, dynamic_ncols=True) as bar:
             for (_, mask_path), image in zip(todo, images):
-                labels = segment_image(model, image, device, args.source_mpp / args.model_mpp, **tiling)
+                labels = segment_image(model, image, device, args.source_mpp / model_mpp, **tiling)
                 atomic_save_png(labels_to_rgb(labels), mask_path)
                 bar.update()
         barrier()

@@ -8,7 +8,17 @@ set are computed once and reused for the overall score and every class subset:
 Label metrics work on confusion matrices (rows: true class, columns: predicted):
     confusion_matrix(pred, target, num_classes)
     accuracy(cm), balanced_accuracy(cm)
-    mask_scores(cm)                per-class Dice/IoU of nucleus maps (segmenter.summarize)
+    dice_iou(cm), mask_scores(cm, labels_set), format_mask_table(scores)
+                                   per-class Dice/IoU of nucleus maps
+
+Weight-free realism, for clusters (and machines) that cannot download Inception:
+    frechet_distance(a, b), kernel_distance(a, b, ...)
+                                   the same distances in any feature space, e.g. the
+                                   pooled encoder features of a segmenter trained on the
+                                   user's real tiles (a "domain" distance, not FID/KID)
+    c2st(real, fake, ...)          classifier two-sample test: held-out accuracy of a
+                                   small CNN trained from scratch (0.5 = indistinguishable)
+    real_vs_real_split(n)          two disjoint halves, for every metric's real-vs-real floor
 
 Feature networks (`load_feature_extractor`), both mapping uint8 (N, 3, 299, 299) to (N, D):
   - the FID Inception (TF 2015-12-05 weights, 2048-d pool features) as torchmetrics
@@ -18,15 +28,17 @@ Feature networks (`load_feature_extractor`), both mapping uint8 (N, 3, 299, 299)
     (`save_feature_net`), for tests and for runs without the official weights.
     Its scores rank models on the same data but are not comparable to published FIDs.
 """
+import math
 import socket
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dataset.masks import PANNUKE
 from runtime import load_model_state
-from segmenter import summarize
 from utils import UserError, atomic_save_torch, safe_torch_load
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -90,12 +102,60 @@ def balanced_accuracy(cm):
     return float((cm.diag()[present] / support[present]).mean()) if present.any() else None
 
 
-def mask_scores(cm):
-    """Per-class Dice and IoU from a 6-class confusion matrix summed over a whole set,
-    plus 'Nuclei' (any type vs background) and means over the five nucleus types;
-    classes absent from both sides are None. The segmenter's own definition, so
-    numbers here match train_segmenter.py's."""
-    return summarize(cm)
+def dice_iou(cm):
+    """Per-class Dice = 2TP / (2TP + FP + FN) and IoU = TP / (TP + FP + FN) from a
+    confusion matrix summed over the whole evaluation set (not averaged per image).
+
+    A class absent from both reference and prediction (TP + FP + FN = 0) has no
+    defined score: NaN, left out of means. A class never present but predicted
+    somewhere scores 0, as does one present but never predicted."""
+    cm = torch.as_tensor(cm, dtype=torch.float64)
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    return (2 * tp / (2 * tp + fp + fn)).numpy(), (tp / (tp + fp + fn)).numpy()
+
+
+def nuclei_cm(cm, background=PANNUKE.background):
+    """Collapse to 2 classes, any nucleus vs background (type confusions count as hits)."""
+    cm = torch.as_tensor(cm)
+    nuc = [c for c in range(len(cm)) if c != background]
+    return torch.tensor([[cm[nuc][:, nuc].sum().item(), cm[nuc, background].sum().item()],
+                         [cm[background, nuc].sum().item(), cm[background, background].item()]])
+
+
+def _num(x):
+    return None if np.isnan(x) else float(x)  # NaN -> null in JSON
+
+
+def _mean_defined(values):
+    return None if np.isnan(values).all() else float(np.nanmean(values))
+
+
+def mask_scores(cm, labels_set=PANNUKE):
+    """Per-class Dice/IoU of nucleus maps from a confusion matrix summed over a whole
+    set, 'Nuclei' (any type vs background), and means over the nucleus types ignoring
+    undefined classes (None). train_segmenter.py, evaluate.py and study.py all score
+    with it, so their numbers compare."""
+    dice, iou = dice_iou(cm)
+    dice_n, iou_n = dice_iou(nuclei_cm(cm, labels_set.background))
+    types = labels_set.nucleus_classes
+    cm = torch.as_tensor(cm)
+    names = labels_set.class_names
+    return {"dice": {n: _num(v) for n, v in zip(names, dice)} | {"Nuclei": _num(dice_n[0])},
+            "iou": {n: _num(v) for n, v in zip(names, iou)} | {"Nuclei": _num(iou_n[0])},
+            "mean_dice_types": _mean_defined(dice[types]), "mean_iou_types": _mean_defined(iou[types]),
+            "pixel_accuracy": _num(cm.diag().sum().item() / max(1, cm.sum().item()))}
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def format_mask_table(scores):
+    rows = [f"{'class':<14}{'Dice':>7}{'IoU':>7}"]
+    rows += [f"{n:<14}{_fmt(scores['dice'][n]):>7}{_fmt(scores['iou'][n]):>7}" for n in scores["dice"]]
+    rows.append(f"{'mean (types)':<14}{_fmt(scores['mean_dice_types']):>7}{_fmt(scores['mean_iou_types']):>7}")
+    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- feature networks
@@ -229,3 +289,162 @@ def extract_features(net, batches, device):
     with cudnn.flags(enabled=cudnn.enabled, deterministic=cudnn.deterministic, allow_tf32=False):
         return torch.cat([net(batch.to(device)).double().cpu() for batch in batches])
 
+
+
+# --------------------------------------------------------------------------- weight-free realism metrics
+# Distances in a "domain feature space" (e.g. pooled encoder features of a segmenter
+# trained on the user's own real tiles) and a classifier two-sample test on pixels.
+# None needs downloaded weights. Every metric should be reported with its real-vs-real
+# floor: the same metric between two disjoint halves of the real set (real_vs_real_split).
+
+def _check_features(feats_a, feats_b):
+    a, b = torch.as_tensor(feats_a, dtype=torch.float64), torch.as_tensor(feats_b, dtype=torch.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected two (N, D) feature arrays with the same D, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return a, b
+
+
+def frechet_distance(feats_a, feats_b):
+    """Frechet distance between Gaussians fitted to two (N, D) feature arrays (numpy or
+    torch): |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2)), in float64.
+
+    The maths of `fid`, which it calls (eigenvalues of S_a S_b, square roots, real
+    parts: tiny imaginary parts from rounding are dropped). It is FID only when the
+    features are the FID Inception's; on a domain feature space it is a distance in
+    that space, not comparable to published FIDs. None when a side has < 2 rows."""
+    return fid(*_check_features(feats_a, feats_b))
+
+
+def kernel_distance(feats_a, feats_b, subsets=100, subset_size=1000, seed=0):
+    """(mean, std) over `subsets` random subsets of the unbiased MMD^2 with the cubic
+    polynomial kernel k(x, y) = (x.y / D + 1)^3 between two (N, D) feature arrays, each
+    subset min(subset_size, N_a, N_b) rows a side. The estimator of `kid` (which it
+    calls); it is KID only when the features are the FID Inception's. About 0 (either
+    sign) for sets from one distribution; (None, None) when a side has < 2 rows."""
+    return kid(*_check_features(feats_a, feats_b), subsets=subsets, subset_size=subset_size, seed=seed)
+
+
+def real_vs_real_split(n, seed=0):
+    """Two disjoint, equally long index arrays (n // 2 each, random, sorted) splitting
+    range(n): score a metric between the halves of the real set for its floor."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    half = n // 2
+    return np.sort(perm[:half]), np.sort(perm[half:2 * half])
+
+
+def wilson_interval(successes, n, z=1.96):
+    """Wilson score interval (lo, hi) of a binomial proportion (95% for z = 1.96)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+class C2STNet(nn.Module):
+    """The C2ST classifier: one stride-2 conv-BN-ReLU block per entry of `widths`, global
+    average pool, one logit (about 15k parameters for the default widths). Sees uint8
+    images as (x - 128) / 128, so colour and sharpness differences are both visible."""
+
+    def __init__(self, widths=(8, 16, 32, 32)):
+        super().__init__()
+        widths = (3, *widths)
+        self.features = nn.Sequential(*[layer for cin, cout in zip(widths, widths[1:]) for layer in (
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())])
+        self.head = nn.Linear(widths[-1], 1)
+
+    def forward(self, x):
+        # channels_last: about 1.5x faster for these small convolutions on CPU
+        x = ((x.float() - 128) / 128).contiguous(memory_format=torch.channels_last)
+        return self.head(self.features(x).mean((2, 3))).squeeze(1)
+
+
+def _c2st_images(images, what):
+    """uint8 (N, H, W, 3) numpy or (N, 3, H, W) torch -> uint8 (N, 3, H, W) tensor."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().cpu()
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if x.ndim == 4:
+            x = x.permute(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"c2st: {what} must be uint8 images, numpy (N, H, W, 3) or torch (N, 3, H, W); "
+                         f"got {x.dtype} {tuple(images.shape)}")
+    return x.contiguous()
+
+
+def c2st(real, fake, folds=5, epochs=15, seed=0, device="cpu", batch_size=32, lr=1e-2, widths=(8, 16, 32, 32)):
+    """Classifier two-sample test (Lopez-Paz & Oquab 2017): how well a small CNN trained
+    from scratch tells real from fake images it has not seen.
+
+    real, fake: uint8 images, numpy (N, H, W, 3) or torch (N, 3, H, W), all one size.
+    The larger set is subsampled (seeded) to the size of the smaller; stratified
+    `folds`-fold cross-validation trains a fresh C2STNet per fold (Adam with a one-cycle
+    schedule peaking at `lr`, `epochs` epochs, random horizontal/vertical flips),
+    re-estimates its BatchNorm statistics on the fold's training images with the final
+    weights, and predicts the held-out fold.
+    Returns {"accuracy": pooled held-out accuracy, "ci95": Wilson 95% interval over the
+    pooled predictions, "folds": per-fold accuracies, "n": number of held-out
+    predictions (2 x the balanced set size)}. 0.5 means indistinguishable to this
+    classifier, 1.0 fully separable. Deterministic for a seed on CPU. 200 + 200 64x64
+    images take under 10 s on one CPU thread (small convolutions: one thread is
+    usually fastest, torch.set_num_threads(1)); the cost grows with N x H x W."""
+    real, fake = _c2st_images(real, "real"), _c2st_images(fake, "fake")
+    if real.shape[1:] != fake.shape[1:]:
+        raise ValueError(f"c2st: real and fake images differ in size: {tuple(real.shape[1:])} vs {tuple(fake.shape[1:])}")
+    g = torch.Generator().manual_seed(seed)
+    m = min(len(real), len(fake))
+    if m < folds or folds < 2:
+        raise ValueError(f"c2st: need folds >= 2 and at least `folds` images a side, got {len(real)} real, "
+                         f"{len(fake)} fake, folds={folds}")
+    # Balance, then split each class into `folds` random parts (stratified k-fold).
+    real = real[torch.randperm(len(real), generator=g)[:m]]
+    fake = fake[torch.randperm(len(fake), generator=g)[:m]]
+    x = torch.cat([real, fake]).to(device)
+    y = torch.cat([torch.ones(m), torch.zeros(m)]).to(device)
+    parts = [torch.cat(p) for p in zip(torch.randperm(m, generator=g).tensor_split(folds),
+                                       (torch.randperm(m, generator=g) + m).tensor_split(folds))]
+    correct, fold_acc = torch.zeros(2 * m, dtype=torch.bool), []
+    for fold, test_idx in enumerate(parts):
+        train_idx = torch.cat([p for j, p in enumerate(parts) if j != fold])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed * 1000 + fold)
+            net = C2STNet(widths).to(device, memory_format=torch.channels_last)
+        # Batches of one are dropped (BatchNorm needs two samples); one-cycle steps count the rest.
+        steps = sum(1 for b in train_idx.split(batch_size) if len(b) >= 2)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps))
+        net.train()
+        for _ in range(epochs):
+            order = train_idx[torch.randperm(len(train_idx), generator=g)]
+            for batch in order.split(batch_size):
+                if len(batch) < 2:
+                    continue
+                xb = x[batch]
+                flips = torch.rand(2, len(batch), generator=g).lt(0.5)
+                for dim, flip in ((3, flips[0]), (2, flips[1])):  # random horizontal and vertical flips
+                    idx = flip.nonzero().squeeze(1).to(device)
+                    xb[idx] = xb[idx].flip(dim)
+                loss = F.binary_cross_entropy_with_logits(net(xb), y[batch])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                schedule.step()
+        with torch.no_grad():
+            # Running BatchNorm averages lag the fast-moving weights: recompute them with the
+            # final weights (cumulative average over shuffled, near-equal training batches).
+            for module in net.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.reset_running_stats()
+                    module.momentum = None
+            order = train_idx[torch.randperm(len(train_idx), generator=g)]
+            for b in order.tensor_split(math.ceil(len(order) / 256)):
+                net(x[b])
+            net.eval()
+            pred = torch.cat([net(x[b]) > 0 for b in test_idx.split(256)])
+        hit = (pred == y[test_idx].bool()).cpu()
+        correct[test_idx.cpu()] = hit
+        fold_acc.append(float(hit.float().mean()))
+    n, hits = len(correct), int(correct.sum())
+    return {"accuracy": hits / n, "ci95": wilson_interval(hits, n), "folds": fold_acc, "n": n}

@@ -9,7 +9,10 @@ LOCAL_RANK / WORLD_SIZE from the environment when they are there.
 import contextlib
 import datetime
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,6 +54,12 @@ def setup_distributed(device_arg, timeout_minutes, require=False):
                                 timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return info, device
+
+
+def main_process_log(*args, **kwargs):
+    """print, on the first process of a torchrun job only (usable before distributed())."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
 
 
 def cleanup_distributed():
@@ -132,6 +141,32 @@ def distributed(device_arg="auto", timeout_minutes=DIST_TIMEOUT_MINUTES, channel
         yield info, device, resolve_channels_last(channels_last, device)
     finally:
         cleanup_distributed()
+
+
+# --------------------------------------------------------------------------- run folders
+
+def prepare_run_dir(out_dir, resuming, overwrite):
+    """Check a training run's folder before any work (call on the main process):
+    it must be a writable folder, and a run already in it (checkpoints/last.pt) is
+    never replaced silently. Without --resume, --overwrite clears that run's
+    checkpoints, sample grids and plots so old and new never mix."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file; give a folder for the run")
+    last = out_dir / "checkpoints" / "last.pt"
+    if last.exists() and not resuming:
+        if not overwrite:
+            raise UserError(f"{out_dir} already holds a run ({last}); continue it with --resume {last}, "
+                            f"or start afresh with --overwrite (deletes that run) or a new --out-dir")
+        for old in ("checkpoints", "samples"):
+            shutil.rmtree(out_dir / old, ignore_errors=True)
+        (out_dir / "loss_curves.png").unlink(missing_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot write to --out-dir {out_dir}: {exc.strerror or exc}") from None
 
 
 # --------------------------------------------------------------------------- data

@@ -1,16 +1,17 @@
-"""The nucleus segmenter: a 6-class U-Net, its loss, Dice/IoU metrics, tiled
-inference, and Macenko stain normalisation.
+"""The nucleus segmenter: a U-Net over the classes of a label set (dataset/masks.py;
+PanNuke's six by default, or CoNIC's seven), its loss, tiled inference, and Macenko
+stain normalisation. Its Dice/IoU scores are in metrics.py.
 
-Used by train_segmenter.py (training on PanNuke), make_masks.py (UniToPatho masks)
-and any later evaluation. Classes and their order are those of dataset/masks.py
-(0 Neoplastic ... 4 Epithelial, 5 Background).
+Used by train_segmenter.py (training on PanNuke or CoNIC), make_masks.py
+(UniToPatho masks), evaluate.py and study.py.
 
 The model takes float RGB in [0, 1], shape (B, 3, H, W), and normalises it inside
 with ImageNet statistics, so a torchvision ResNet encoder with ImageNet weights
 sees what it was trained on. H and W must be multiples of `model.size_multiple`;
 `predict_probs` pads and tiles images of any size.
 
-The model works at PanNuke's scale (40x, about 0.25 um/px); `segment_image`
+The model works at its training data's scale (PanNuke 40x, about 0.25 um/px;
+CoNIC 20x, about 0.5 um/px; recorded in the checkpoint as `mpp`); `segment_image`
 resamples other magnifications to it and back.
 """
 import contextlib
@@ -20,8 +21,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from config import IMAGENET_MEAN, IMAGENET_STD, PANNUKE_MPP
 from dataset.common import read_rgb
-from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES
+from dataset.masks import NUM_CLASSES, PANNUKE, get_label_set
 from runtime import load_model_state
 from tiling import blend_tiles
 from utils import UserError, load_checkpoint_of_kind, safe_torch_load
@@ -29,10 +31,6 @@ from utils import UserError, load_checkpoint_of_kind, safe_torch_load
 CHECKPOINT_KIND = "he-segmenter"
 CHECKPOINT_VERSION = 1
 ENCODERS = ("unet", "resnet18", "resnet34", "resnet50")
-PANNUKE_MPP = 0.25      # um per pixel at 40x
-UNITOPATHO_MPP = 0.4415  # um per pixel at 20x (NanoZoomer S210)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------- model
@@ -88,9 +86,10 @@ class ResNetEncoder(nn.Module):
 
 class Segmenter(nn.Module):
     """U-Net: an encoder, then per level bilinear upsampling + skip concatenation +
-    two 3x3 convolutions (width * 2**level channels), then a 1x1 head to 6 logits."""
+    two 3x3 convolutions (width * 2**level channels), then a 1x1 head to one logit
+    per class of the label set."""
 
-    def __init__(self, encoder="unet", width=32):
+    def __init__(self, encoder="unet", width=32, num_classes=NUM_CLASSES):
         super().__init__()
         if encoder not in ENCODERS:
             raise UserError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
@@ -100,10 +99,16 @@ class Segmenter(nn.Module):
         ins = [enc[-1]] + dec[1:][::-1]  # what comes up from the level below, coarse to fine
         self.decoder = nn.ModuleList(conv_block(cin + skip, cout)
                                      for cin, skip, cout in zip(ins, enc[:-1][::-1], dec[::-1]))
-        self.head = nn.Conv2d(dec[0], NUM_CLASSES, 1)
+        self.head = nn.Conv2d(dec[0], num_classes, 1)
+        self.num_classes = num_classes
         self.size_multiple = self.encoder.size_multiple
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def pooled_features(self, x):
+        """(N, 3, H, W) images in [0, 1] -> (N, D) globally averaged deepest encoder
+        features: the domain feature space of the study's distances."""
+        return self.encoder((x - self.mean) / self.std)[-1].float().mean((2, 3))
 
     def forward(self, x):
         size = x.shape[-2:]
@@ -118,8 +123,14 @@ class Segmenter(nn.Module):
         return logits
 
 
+def with_model_defaults(cfg):
+    """Checkpoints from before label sets were recorded segment PanNuke's classes."""
+    return {"label_set": PANNUKE.name, **cfg}
+
+
 def build_segmenter(cfg):
-    return Segmenter(cfg["encoder"], cfg["width"])
+    cfg = with_model_defaults(cfg)
+    return Segmenter(cfg["encoder"], cfg["width"], get_label_set(cfg["label_set"]).num_classes)
 
 
 def load_encoder_weights(model, path):
@@ -135,9 +146,25 @@ def load_encoder_weights(model, path):
         raise UserError(f"encoder weights {path} do not fit this encoder: {str(exc).splitlines()[0]}") from None
 
 
-def read_segmenter_checkpoint(path):
+MODEL_KEYS = ("model_config", "model")
+RESUME_KEYS = MODEL_KEYS + ("config", "optimizer", "scaler", "epoch", "history", "rng")
+
+
+def read_segmenter_checkpoint(path, required=MODEL_KEYS):
     """Load a train_segmenter.py checkpoint (weights_only=True); other files are rejected clearly."""
-    return load_checkpoint_of_kind(path, CHECKPOINT_KIND)
+    ckpt = load_checkpoint_of_kind(path, CHECKPOINT_KIND, required, CHECKPOINT_VERSION)
+    ckpt["model_config"] = with_model_defaults(ckpt["model_config"])
+    return ckpt
+
+
+def load_pannuke_segmenter(path, device, model_mpp=None):
+    """A segmenter for masks in the PanNuke palette (UniToPatho's), and the um per
+    pixel it works at: `model_mpp`, else its checkpoint's (older ones: PanNuke's)."""
+    model, ckpt = load_segmenter(path, device)
+    if ckpt["model_config"]["label_set"] != PANNUKE.name:
+        raise UserError(f"segmenter {path} segments the {ckpt['model_config']['label_set']} label set, but masks "
+                        f"here are in the PanNuke palette: train it with --label-set pannuke")
+    return model, model_mpp or ckpt.get("mpp", PANNUKE_MPP)
 
 
 def load_segmenter(path, device):
@@ -151,7 +178,7 @@ def load_segmenter(path, device):
 # --------------------------------------------------------------------------- loss and metrics
 
 def segmentation_loss(logits, target, smooth=1.0):
-    """Cross-entropy + (1 - soft Dice averaged over the 6 classes).
+    """Cross-entropy + (1 - soft Dice averaged over the classes).
 
     Background is most pixels and Dead nuclei very few: cross-entropy alone settles
     for predicting background; the Dice term weighs every class equally. A class
@@ -160,69 +187,10 @@ def segmentation_loss(logits, target, smooth=1.0):
     logits = logits.float()
     ce = F.cross_entropy(logits, target)
     probs = logits.softmax(1)
-    onehot = F.one_hot(target, NUM_CLASSES).movedim(-1, 1).float()
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
     dims = (0, 2, 3)
     dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
     return ce + (1 - dice.mean())
-
-
-def confusion_matrix(pred, target):
-    """(6, 6) int64 pixel counts: rows are the true class, columns the predicted one."""
-    idx = target.reshape(-1).long() * NUM_CLASSES + pred.reshape(-1).long()
-    return torch.bincount(idx, minlength=NUM_CLASSES ** 2).reshape(NUM_CLASSES, NUM_CLASSES)
-
-
-def dice_iou(cm):
-    """Per-class Dice = 2TP / (2TP + FP + FN) and IoU = TP / (TP + FP + FN) from a
-    confusion matrix summed over the whole evaluation set (not averaged per image).
-
-    A class absent from both reference and prediction (TP + FP + FN = 0) has no
-    defined score: NaN, left out of means. A class never present but predicted
-    somewhere scores 0, as does one present but never predicted."""
-    cm = torch.as_tensor(cm, dtype=torch.float64)
-    tp = cm.diag()
-    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
-    return (2 * tp / (2 * tp + fp + fn)).numpy(), (tp / (tp + fp + fn)).numpy()
-
-
-def nuclei_cm(cm):
-    """Collapse to 2 classes, any nucleus vs background (type confusions count as hits)."""
-    cm = torch.as_tensor(cm)
-    nuc = [c for c in range(NUM_CLASSES) if c != BACKGROUND]
-    return torch.tensor([[cm[nuc][:, nuc].sum().item(), cm[nuc, BACKGROUND].sum().item()],
-                         [cm[BACKGROUND, nuc].sum().item(), cm[BACKGROUND, BACKGROUND].item()]])
-
-
-def _num(x):
-    return None if np.isnan(x) else float(x)  # NaN -> null in JSON
-
-
-def _mean_defined(values):
-    return None if np.isnan(values).all() else float(np.nanmean(values))
-
-
-def summarize(cm):
-    """Per-class Dice/IoU, 'Nuclei' (any type vs background), and means over the five
-    nucleus types ignoring undefined classes. Undefined values are None."""
-    dice, iou = dice_iou(cm)
-    dice_n, iou_n = dice_iou(nuclei_cm(cm))
-    types = [c for c in range(NUM_CLASSES) if c != BACKGROUND]
-    cm = torch.as_tensor(cm)
-    return {"dice": {n: _num(v) for n, v in zip(CLASS_NAMES, dice)} | {"Nuclei": _num(dice_n[0])},
-            "iou": {n: _num(v) for n, v in zip(CLASS_NAMES, iou)} | {"Nuclei": _num(iou_n[0])},
-            "mean_dice_types": _mean_defined(dice[types]), "mean_iou_types": _mean_defined(iou[types]),
-            "pixel_accuracy": _num(cm.diag().sum().item() / max(1, cm.sum().item()))}
-
-
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def format_table(metrics):
-    rows = [f"{'class':<14}{'Dice':>7}{'IoU':>7}"]
-    rows += [f"{n:<14}{_fmt(metrics['dice'][n]):>7}{_fmt(metrics['iou'][n]):>7}" for n in metrics["dice"]]
-    rows.append(f"{'mean (types)':<14}{_fmt(metrics['mean_dice_types']):>7}{_fmt(metrics['mean_iou_types']):>7}")
-    return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------- tiled inference
@@ -230,7 +198,7 @@ def format_table(metrics):
 @torch.no_grad()
 def predict_probs(model, image, tile=512, overlap=64, batch_size=8, autocast=contextlib.nullcontext(),
                   channels_last=False):
-    """(3, H, W) float image in [0, 1] -> (6, H, W) float32 class probabilities.
+    """(3, H, W) float image in [0, 1] -> (C, H, W) float32 class probabilities.
 
     The image is padded (reflected) to at least one tile, cut into `tile`-px tiles
     sharing `overlap` px, and the tiles' softmax outputs are blended with
@@ -253,7 +221,7 @@ def predict_probs(model, image, tile=512, overlap=64, batch_size=8, autocast=con
         with autocast:
             return model(tiles).float().softmax(1)
 
-    probs = blend_tiles(run, *image.shape[-2:], NUM_CLASSES, tile, overlap, batch_size, image.device)
+    probs = blend_tiles(run, *image.shape[-2:], tile, overlap, batch_size, image.device)
     return probs[:, :h, :w]
 
 
@@ -261,7 +229,7 @@ def predict_probs(model, image, tile=512, overlap=64, batch_size=8, autocast=con
 def segment_image(model, image, device, scale=1.0, **tiling):
     """(H, W, 3) uint8 RGB (numpy or tensor) -> (H, W) uint8 numpy class map.
 
-    `scale` = image um/px / model um/px (UNITOPATHO_MPP / PANNUKE_MPP for UniToPatho):
+    `scale` = image um/px / model um/px (config.UNITOPATHO_MPP / config.PANNUKE_MPP for UniToPatho):
     the image is resampled by it to the model's magnification (bilinear), segmented
     in tiles (`tiling`: predict_probs options), and the class probabilities are
     resampled back to (H, W) (bilinear, antialiased) before the argmax, so the map

@@ -6,23 +6,30 @@
         --data-dir data/unitopatho/800 --masks-dir data/unitopatho_masks --out-dir synthetic/unitopatho [--tile]
 Under torchrun each process writes its own share of the files. Files already
 written are skipped (--overwrite regenerates them), so an interrupted run resumes.
+OUT.synthetic.json, beside OUT, records the checkpoint that made them (sha256,
+epoch, step): a re-run with another checkpoint is refused unless --overwrite.
 
 UniToPatho test images are generated at native size (1812 x 1812) from their masks
 and written as a drop-in copy of the split: OUT/<top_label_name>/<image_id> plus
-OUT/test.csv (see tiling.py for the whole-image and --tile modes).
+OUT/test.csv (see tiling.py for the whole-image and --tile modes). Nothing else
+goes inside OUT: the mask | real | fake grids go to OUT.grids/ (--grids-dir).
 
 Normalisation at generation time is explicit (--norm-mode): `eval` (default) uses
 the running BatchNorm statistics and no dropout, so an image does not depend on
 which other images share its batch or tile; `train` uses each image's own
 statistics and dropout, as the pix2pix paper did (seeded per image).
 """
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from config import test_parser
+from config import CONIC_TEST_FRACTION, SEED, test_parser
+from dataset.conic import build_conic, write_conic_folder
+from dataset.masks import get_label_set
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
@@ -30,26 +37,96 @@ from figures import to_uint8_image, triplet_grid
 from gan import generate, load_generator, prepare_batch
 from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
-from utils import UserError, atomic_save_png, resolve_wandb_mode, run_main
+from utils import UserError, atomic_save_png, atomic_save_text, inside, resolve_wandb_mode, run_main, within
+
+
+def beside(out_dir, suffix):
+    """OUT<suffix>, a sibling of the output folder: what is not part of the drop-in tree."""
+    out = Path(out_dir).resolve()
+    return out.with_name(out.name + suffix)
+
+
+def grids_folder(args):
+    return Path(args.grids_dir) if args.grids_dir else beside(args.out_dir, ".grids")
 
 
 def fetch_wandb_checkpoint(spec, out_dir):
     """wandb:ENTITY/PROJECT/ARTIFACT:VERSION, or wandb:ENTITY/PROJECT/RUN_ID for that
     run's latest checkpoint artifact. Needs an online account."""
-    if resolve_wandb_mode("auto") != "online":
-        raise UserError(f"{spec}: fetching from wandb needs an account (set WANDB_API_KEY or run `wandb login`)")
+    try:
+        resolve_wandb_mode("online")
+    except UserError as exc:
+        raise UserError(f"{spec}: fetching from wandb: {exc}") from None
     import wandb
     path = spec[len("wandb:"):]
     if ":" not in path.rsplit("/", 1)[-1]:
         path = f"{path}-checkpoint:latest"
     try:
-        folder = wandb.Api().artifact(path, type="model").download(root=str(Path(out_dir) / ".checkpoint"))
+        folder = wandb.Api().artifact(path, type="model").download(root=str(beside(out_dir, ".checkpoint")))
     except Exception as exc:
         raise UserError(f"cannot fetch wandb artifact {path}: {exc}") from None
     found = sorted(Path(folder).glob("*.pt"))
     if not found:
         raise UserError(f"wandb artifact {path} holds no .pt file")
     return found[0]
+
+
+def check_apart(args):
+    """Outputs never go into the inputs, where --overwrite could replace them."""
+    inputs = {"--data-dir": args.data_dir}
+    if args.dataset == "unitopatho":
+        inputs["--masks-dir"] = args.masks_dir
+    for flag, out in (("--out-dir", args.out_dir), ("--grids-dir", grids_folder(args))):
+        for input_flag, folder in inputs.items():
+            if within(out, folder):
+                raise UserError(f"{flag} {out} is inside {input_flag} {folder}; synthetic images must not be "
+                                f"written among the inputs: choose another {flag}")
+
+
+def checkpoint_identity(spec, path, ckpt):
+    with open(path, "rb") as f:
+        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"checkpoint": str(spec), "sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step")}
+
+
+def describe(identity):
+    return f"{identity.get('checkpoint')} (epoch {identity.get('epoch')}, step {identity.get('step')})"
+
+
+def record_path(args):
+    return beside(args.out_dir, ".synthetic.json")
+
+
+def write_record(args, identity, overwriting):
+    """`overwriting` stays true until an --overwrite run ends: until then the folder may
+    still hold images of the previous checkpoint."""
+    atomic_save_text(record_path(args), json.dumps(dict(identity, overwriting=overwriting), indent=1) + "\n")
+
+
+def claim_out_dir(args, identity, is_main):
+    """Refuse to mix images of two checkpoints in one folder, then record which one writes
+    it. Every rank checks before rank 0 writes the record."""
+    out, record = Path(args.out_dir), record_path(args)
+    if not args.overwrite:
+        if record.is_file():
+            try:
+                previous = json.loads(record.read_text())
+                made_by, overwriting = previous["sha256"], previous.get("overwriting")
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UserError(f"cannot read {record} ({exc}): delete it, or pass --overwrite") from None
+            if made_by != identity["sha256"]:
+                raise UserError(f"{out} holds images made by checkpoint {describe(previous)}, not by "
+                                f"{describe(identity)} (see {record}); pass --overwrite to regenerate them, "
+                                f"or choose a new --out-dir")
+            if overwriting:
+                raise UserError(f"an --overwrite run into {out} did not finish, so some images there may come "
+                                f"from an earlier checkpoint (see {record}); run again with --overwrite")
+        elif out.is_dir() and any(out.iterdir()):
+            raise UserError(f"{out} already holds files but no record of the checkpoint that made them "
+                            f"({record}); pass --overwrite to regenerate them, or choose a new --out-dir")
+    barrier()
+    if is_main:
+        write_record(args, identity, args.overwrite)
 
 
 def generate_images(generator, mask, autocast, norm_mode, seeds):
@@ -63,45 +140,90 @@ def generate_images(generator, mask, autocast, norm_mode, seeds):
     return torch.cat(outs)
 
 
-def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size):
-    train_cfg = ckpt.get("config", {})
-    data_dir = args.data_dir or train_cfg.get("data_dir")
+def data_dir_of(args, ckpt):
+    data_dir = args.data_dir or ckpt.get("config", {}).get("data_dir")
     if not data_dir:
         raise UserError("--data-dir is required (the checkpoint does not record one)")
-    dataset = build_pannuke(data_dir, args.test_folds, args.tissue, augment=False, split="test")
-    out_dir = Path(args.out_dir)
+    return data_dir
+
+
+def open_inputs(args, ckpt):
+    """What to generate from: PanNuke test patches, UniToPatho (image, mask) pairs, or
+    a CoNIC split; its masks must be in the generator's label set."""
+    data_dir = data_dir_of(args, ckpt)
+    if args.dataset == "pannuke":
+        inputs = build_pannuke(data_dir, args.test_folds, args.tissue, augment=False, split="test")
+    elif args.dataset == "unitopatho":
+        inputs = UniToPathoPairs(UniToPatho(data_dir, args.split), args.masks_dir, augment=False)
+    else:
+        run = ckpt.get("config", {})
+        inputs = build_conic(data_dir, args.split, seed=run.get("seed", SEED),
+                             test_fraction=run.get("test_fraction", CONIC_TEST_FRACTION),
+                             split_file=args.split_file or run.get("split_file"),
+                             label_set=args.label_set or run.get("label_set", "conic"))
+    wanted = ckpt["model_config"]["label_set"]
+    if inputs.label_set.name != wanted:
+        raise UserError(f"{data_dir} gives masks in the {inputs.label_set.name} label set, but checkpoint "
+                        f"{args.checkpoint} is conditioned on the {wanted} label set")
+    return inputs
+
+
+def generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, out_dir):
+    """One PNG per patch, OUT/<patch name>.png (PanNuke and CoNIC test patches)."""
+    labels_set = get_label_set(ckpt["model_config"]["label_set"])
+    multiple = 2 ** ckpt["model_config"]["unet_depth"]
+    if len(dataset) and dataset[0][0].shape[-1] % multiple:
+        raise UserError(f"patches of {dataset[0][0].shape[-1]} px do not fit checkpoint {args.checkpoint}, whose "
+                        f"U-Net needs multiples of {multiple} px")
+    grids_dir = grids_folder(args)
+    outputs = [inside(out_dir, out_dir / f"{name}.png") for name in dataset.names]
     mine = list(range(rank, len(dataset), world_size))
-    todo = [i for i in mine if args.overwrite or not (out_dir / f"{dataset.names[i]}.png").exists()]
+    todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
     grids_left = args.grids if rank == 0 else 0
     bar = tqdm(total=len(todo), desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         labels, images = map(torch.stack, zip(*(dataset[i] for i in batch)))
-        mask, real = prepare_batch(labels, images, device, args.channels_last)
+        mask, real = prepare_batch(labels, images, device, args.channels_last, labels_set.num_classes)
         fake = generate_images(generator, mask, autocast, args.norm_mode, [args.seed + i for i in batch])
         for i, f in zip(batch, fake):
-            atomic_save_png(to_uint8_image(f), out_dir / f"{dataset.names[i]}.png")
+            atomic_save_png(to_uint8_image(f), outputs[i])
         if grids_left > 0:
-            atomic_save_png(triplet_grid(labels, real, fake), out_dir / "grids" / f"grid_{start // args.batch_size:04d}.png")
+            atomic_save_png(triplet_grid(labels, real, fake, labels_set),
+                            inside(grids_dir, grids_dir / f"grid_{start // args.batch_size:04d}.png"))
             grids_left -= 1
         bar.update(len(batch))
     bar.close()
     return len(dataset)
 
 
-def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_size):
+def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size, dataset):
+    return generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, Path(args.out_dir))
+
+
+def generate_conic(args, generator, ckpt, device, autocast, rank, world_size, dataset):
+    """A drop-in CoNIC folder: OUT/images.npy holds the synthetic patches, beside copies
+    of the split's labels.npy rows, patch_info.csv and counts.csv. Patches are written
+    as PNGs to OUT.tiles/ first, so an interrupted run resumes; rank 0 assembles."""
+    tiles = beside(args.out_dir, ".tiles")
+    count = generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, tiles)
+    barrier()
+    if rank == 0:
+        write_conic_folder(dataset, [tiles / f"{name}.png" for name in dataset.names], Path(args.out_dir))
+    return count
+
+
+def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_size, pairs=None):
     """Every image of --split at native size from its mask, in the split's own layout."""
-    train_cfg = ckpt.get("config", {})
-    data_dir = args.data_dir or train_cfg.get("data_dir")
-    if not data_dir:
-        raise UserError("--data-dir is required (the checkpoint does not record one)")
-    pairs = UniToPathoPairs(UniToPatho(data_dir, args.split), args.masks_dir, augment=False)
+    pairs = open_inputs(args, ckpt) if pairs is None else pairs
     split = pairs.dataset
-    out_dir = Path(args.out_dir)
+    model_cfg = ckpt["model_config"]
+    multiple, classes = 2 ** model_cfg["unet_depth"], get_label_set(model_cfg["label_set"]).num_classes
+    out_dir, grids_dir = Path(args.out_dir), grids_folder(args)
+    outputs = [inside(out_dir, out_dir / label / name) for label, name in zip(split.rows["top_label_name"], split.names)]
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(split.data_dir / f"{args.split}.csv", out_dir / f"{args.split}.csv")
-    outputs = [out_dir / label / name for label, name in zip(split.rows["top_label_name"], split.names)]
     mine = list(range(rank, len(split), world_size))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
@@ -113,19 +235,22 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
         labels = read_mask(pairs.mask_paths[i], split.paths[i])
         if args.tile:
             fake = generate_tiled(forward, labels, device, args.tile_overlap, args.batch_size, args.seed + i,
-                                  args.channels_last)
+                                  args.channels_last, tile=multiple, num_classes=classes)
         else:
-            fake = generate_whole(forward, labels, device, args.seed + i, args.channels_last)
+            fake = generate_whole(forward, labels, device, args.seed + i, args.channels_last, multiple, classes)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             # mask | real | fake at the centre crop: a quick visual check beside the drop-in tree.
             y, x = centre_origin(*labels.shape, 256)
             crop = (slice(y, y + 256), slice(x, x + 256))
             real = torch.tensor(split.load_image(i)[crop]).permute(2, 0, 1).float().div(127.5).sub(1)
-            atomic_save_png(triplet_grid(torch.from_numpy(labels[crop])[None], real[None], fake[:, crop[0], crop[1]][None]),
-                     out_dir / "grids" / f"grid_{i:04d}.png")
+            grid = triplet_grid(torch.from_numpy(labels[crop])[None], real[None], fake[:, crop[0], crop[1]][None])
+            atomic_save_png(grid, inside(grids_dir, grids_dir / f"grid_{i:04d}.png"))
             grids_left -= 1
     return len(split)
+
+
+WRITERS = {"pannuke": generate_pannuke, "unitopatho": generate_unitopatho, "conic": generate_conic}
 
 
 @run_main
@@ -136,15 +261,19 @@ def main(argv=None):
         if checkpoint.startswith("wandb:"):
             checkpoint = fetch_wandb_checkpoint(checkpoint, args.out_dir)
         generator, ckpt = load_generator(checkpoint, device)
+        args.data_dir = data_dir_of(args, ckpt)
+        check_apart(args)
+        inputs = open_inputs(args, ckpt)  # read and checked before anything is written
+        identity = checkpoint_identity(args.checkpoint, checkpoint, ckpt)
+        claim_out_dir(args, identity, info.is_main)
         if args.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
         autocast = autocast_context(device, resolve_precision(args.precision, device))
-        if args.dataset == "pannuke":
-            count = generate_pannuke(args, generator, ckpt, device, autocast, info.rank, info.world_size)
-        else:
-            count = generate_unitopatho(args, generator, ckpt, device, autocast, info.rank, info.world_size)
+        count = WRITERS[args.dataset](args, generator, ckpt, device, autocast, info.rank, info.world_size, inputs)
         barrier()
         if info.is_main:
+            if args.overwrite:
+                write_record(args, identity, overwriting=False)
             shared = f" ({info.world_size} processes, each wrote its share)" if info.distributed else ""
             print(f"synthetic images for {count} samples are in {args.out_dir}{shared}")
 

@@ -1,13 +1,14 @@
 """Generate an image of any size from its class map with a U-Net that needs sides
-divisible by 256 (eight stride-2 downsamplings).
+divisible by its size multiple (2**depth: 256 for eight stride-2 downsamplings, 128
+for seven).
 
-whole: reflect-pad the map to a multiple of 256, one forward pass, crop back (the
-    original project's way; memory grows with the image).
-tiled: overlapping 256 x 256 tiles, batched, blended with a window that ramps as
+whole: reflect-pad the map to a multiple of that size, one forward pass, crop back
+    (the original project's way; memory grows with the image).
+tiled: overlapping tiles of that size, batched, blended with a window that ramps as
     sin^2 over the overlap, so neighbouring weights sum to one and seams vanish;
     memory per pass is bounded by the batch of tiles.
 
-`forward(mask, seeds)` maps a one-hot (N, 6, 256k, 256k) batch to (N, 3, ...) in
+`forward(mask, seeds)` maps a one-hot (N, C, H, W) batch to (N, 3, H, W) in
 [-1, 1]; `seeds` (one per input) lets train-mode normalisation be reproducible.
 """
 import math
@@ -15,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from dataset.masks import labels_to_onehot
+from dataset.masks import NUM_CLASSES, labels_to_onehot
 from generator_model import SIZE_MULTIPLE
 from utils import UserError
 
@@ -27,17 +28,18 @@ def reflect_pad(labels, height, width):
     return np.pad(labels, pad, mode="reflect"), top, left
 
 
-def to_mask(labels, device, channels_last):
-    mask = labels_to_onehot(torch.from_numpy(np.ascontiguousarray(labels)).to(device))
+def to_mask(labels, device, channels_last, num_classes):
+    mask = labels_to_onehot(torch.from_numpy(np.ascontiguousarray(labels)).to(device), num_classes)
     return mask.contiguous(memory_format=torch.channels_last) if channels_last else mask
 
 
-def generate_whole(forward, labels, device, seed=0, channels_last=True):
-    """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), in one pass."""
+def generate_whole(forward, labels, device, seed=0, channels_last=True, multiple=SIZE_MULTIPLE,
+                   num_classes=NUM_CLASSES):
+    """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), in one pass
+    over the map reflect-padded to a `multiple` of the generator's input size."""
     h, w = labels.shape
-    padded, top, left = reflect_pad(labels, math.ceil(h / SIZE_MULTIPLE) * SIZE_MULTIPLE,
-                                    math.ceil(w / SIZE_MULTIPLE) * SIZE_MULTIPLE)
-    fake = forward(to_mask(padded[None], device, channels_last), [seed])[0]
+    padded, top, left = reflect_pad(labels, math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple)
+    fake = forward(to_mask(padded[None], device, channels_last, num_classes), [seed])[0]
     return fake[:, top:top + h, left:left + w].float().cpu()
 
 
@@ -60,26 +62,28 @@ def blend_window(tile, overlap):
     return ramp[:, None] * ramp[None, :]
 
 
-def blend_tiles(run, height, width, channels, tile, overlap, batch_size, device):
+def blend_tiles(run, height, width, tile, overlap, batch_size, device):
     """Cover a (height, width) canvas with `tile`-px tiles sharing `overlap` px and blend
-    their outputs with `blend_window`. `run(origins, first)` returns the (N, channels,
-    tile, tile) outputs for a batch of tile origins; `first` is the index of the batch's
-    first tile. Returns (channels, height, width) on `device`."""
+    their outputs with `blend_window`. `run(origins, first)` returns the (N, C, tile,
+    tile) outputs for a batch of tile origins; `first` is the index of the batch's
+    first tile. Returns (C, height, width) on `device`."""
     origins = [(y, x) for y in tile_starts(height, tile, tile - overlap)
                for x in tile_starts(width, tile, tile - overlap)]
     window = blend_window(tile, overlap).to(device)
-    total = torch.zeros(channels, height, width, device=device)
+    total = None
     weight = torch.zeros(height, width, device=device)
     for first in range(0, len(origins), batch_size):
         batch = origins[first:first + batch_size]
         for (y, x), out in zip(batch, run(batch, first)):
+            if total is None:  # C is whatever the model gives
+                total = torch.zeros(out.shape[0], height, width, device=device)
             total[:, y:y + tile, x:x + tile] += out.float() * window
             weight[y:y + tile, x:x + tile] += window
     return total / weight
 
 
 def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, channels_last=True,
-                   tile=SIZE_MULTIPLE):
+                   tile=SIZE_MULTIPLE, num_classes=NUM_CLASSES):
     """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), from
     overlapping tiles blended by `blend_window`."""
     if not 0 <= overlap < tile:
@@ -91,7 +95,8 @@ def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, ch
     def run(batch, first):
         crops = np.stack([padded[y:y + tile, x:x + tile] for y, x in batch])
         # Tile seeds differ from each other and from other images' (seed * 10^6 + tile).
-        return forward(to_mask(crops, device, channels_last), [seed * 1_000_000 + first + i for i in range(len(batch))])
+        seeds = [seed * 1_000_000 + first + i for i in range(len(batch))]
+        return forward(to_mask(crops, device, channels_last, num_classes), seeds)
 
-    fake = blend_tiles(run, *padded.shape, 3, tile, overlap, batch_size, device)
+    fake = blend_tiles(run, *padded.shape, tile, overlap, batch_size, device)
     return fake[:, top:top + h, left:left + w].cpu()

@@ -1,14 +1,16 @@
 """Train mask-to-H&E Pix2pix on PanNuke.
 
     python train_pannuke.py --data-dir data/pannuke --tissue Colon --out-dir runs/pannuke
-    python train_pannuke.py --demo          # no download: small real-tissue demo on CPU
+    python train_pannuke.py --demo          # no download: small real-H&E demo on CPU
     torchrun --nproc_per_node=8 train_pannuke_ddp.py --data-dir ...   # multi-GPU
 """
 import os
-from pathlib import Path
 
-from config import parse_training_args
-from dataset.pannuke import build_pannuke, fold_paths, write_demo_folds
+from config import settle_config, training_parser
+from dataset.pannuke import build_pannuke, fold_paths
+from demo import write_demo_folds
+from gan import read_resume_checkpoint
+from runtime import main_process_log
 from train_utils import run_training
 from utils import run_main
 
@@ -19,13 +21,12 @@ def build_datasets(args):
     return train_set, sample_set
 
 
-def prepare_demo(args):
+def prepare_demo(data_dir):
     """Write the demo folds once (rank 0 under torchrun; others wait for the files)."""
-    args.data_dir = str(Path(args.out_dir) / "demo_data")
-    last = fold_paths(args.data_dir, 3)["types"]
+    last = fold_paths(data_dir, 3)["types"]
     if int(os.environ.get("RANK", 0)) == 0 and not last.exists():
-        write_demo_folds(args.data_dir)
-        print(f"demo: wrote a small PanNuke-format dataset to {args.data_dir}")
+        write_demo_folds(data_dir)
+        print(f"demo: wrote a small PanNuke-format dataset of real H&E (demo_assets/) to {data_dir}")
     else:
         import time
         for _ in range(600):
@@ -36,10 +37,10 @@ def prepare_demo(args):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    args = parse_training_args("PanNuke", argv)
-    if args.demo:
-        prepare_demo(args)
-    run_training(args, build_datasets, require_distributed=require_distributed)
+    cfg, resume = settle_config(training_parser("PanNuke"), argv, read_resume_checkpoint, log=main_process_log)
+    if cfg.demo:
+        prepare_demo(cfg.data_dir)
+    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
 """
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from config import RUN_OPTIONS
+from config import check_epochs_left, check_training_config
 from figures import save_loss_plot, triplet_grid
 from gan import (
     CHECKPOINT_KIND,
@@ -22,9 +22,8 @@ from gan import (
     build_discriminator,
     build_generator,
     generate,
-    model_config_from_args,
+    model_config,
     prepare_batch,
-    read_checkpoint,
 )
 from runtime import (
     SeededSampler,
@@ -36,6 +35,7 @@ from runtime import (
     make_loader,
     make_optimizer,
     maybe_compile,
+    prepare_run_dir,
     resolve_precision,
     unwrap,
     wrap_ddp,
@@ -152,196 +152,276 @@ class StopRequest:
         self.requested = True
 
 
-def take_run_options(args, saved, log, names=RUN_OPTIONS):
-    """On resume, the run-defining options `names` that the command line does not give
-    (args.options_given, from config.options_given) take the checkpoint's values."""
-    taken = []
-    for name in names:
-        if name in saved and hasattr(args, name) and name not in args.options_given \
-                and getattr(args, name) != saved[name]:
-            setattr(args, name, saved[name])
-            taken.append(f"--{name.replace('_', '-')} {saved[name]}")
-    if taken:
-        log(f"resume: as the checkpoint's run: {', '.join(taken)} (flags given on the command line win)")
+@dataclass
+class Networks:
+    """G and D (wrapped for DDP/compile as configured), their optimisers and scalers."""
+    generator: nn.Module
+    discriminator: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
 
 
-def run_training(args, build_datasets, require_distributed=False):
-    """Train G and D. `build_datasets(args)` returns (train dataset, sample dataset);
-    items are (labels uint8 (H, W), image uint8 (3, H, W))."""
-    with distributed(args.device, args.dist_timeout, args.channels_last, require=require_distributed) \
-            as (info, device, args.channels_last), StopRequest() as stop:
-        _train(args, build_datasets, info, device, stop)
+@dataclass
+class Progress:
+    """Where the run is: epochs finished, batches finished in the current epoch, and
+    `sums`, the losses summed over those batches followed by their count (slot BATCHES)."""
+    epoch: int = 0
+    batches_done: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    wandb_run_id: str = None
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_NAMES) + 1))
 
 
-def _train(args, build_datasets, info, device, stop):
-    out_dir = Path(args.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    precision = resolve_precision(args.precision, device)
-    autocast = autocast_context(device, precision)
-    log = print if info.is_main else (lambda *a, **k: None)
+BATCHES = len(LOSS_NAMES)  # the slot of Progress.sums that counts batches
 
-    if info.is_main:
-        # Temp files left by a run killed while saving; the checkpoints themselves are intact.
-        for stale in ckpt_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    resume = read_checkpoint(args.resume) if args.resume else None
+
+def build_networks(cfg, model_cfg, resume, info, device, channels_last, precision):
+    """G and D from the run's model config, with the checkpoint's weights and optimiser
+    state when resuming. The RNG calls here come in a fixed order (weights, then the
+    restored or per-rank RNG state), so a run is reproducible from its seed."""
+    seed_everything(cfg.seed)
+    generator, discriminator = build_generator(model_cfg), build_discriminator(model_cfg)
     if resume is not None:
-        take_run_options(args, resume["config"], log)
-    model_cfg = model_config_from_args(args)
-    if resume is not None and resume["model_config"] != model_cfg:
-        raise UserError(f"checkpoint {args.resume} was trained with {resume['model_config']}, but this run asks "
-                        f"for {model_cfg}; leave out --ngf/--ndf/--norm/--dropout to resume with the checkpoint's")
-
-    seed_everything(args.seed)
-    generator = build_generator(model_cfg)
-    discriminator = build_discriminator(model_cfg)
-    if resume is not None:
-        load_model_state(generator, resume["generator"], args.resume, "generator")
-        load_model_state(discriminator, resume["discriminator"], args.resume, "discriminator")
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        load_model_state(generator, resume["generator"], cfg.resume, "generator")
+        load_model_state(discriminator, resume["discriminator"], cfg.resume, "discriminator")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     generator = generator.to(device, memory_format=memory_format)
     discriminator = discriminator.to(device, memory_format=memory_format)
 
-    lr = args.lr * (info.world_size if args.scale_lr else 1)
-    betas = (args.beta1, args.beta2)
-    opt_g = make_optimizer(generator.parameters(), lr, betas, device)
-    opt_d = make_optimizer(discriminator.parameters(), lr, betas, device)
-    scaler_g = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    scaler_d = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    start_epoch, skip_batches, history, run_id, step = 0, 0, [], None, 0
-    partial_sums = torch.zeros(len(LOSS_NAMES) + 1)
+    lr = learning_rate(cfg, info)
+    nets = Networks(generator, discriminator,
+                    make_optimizer(generator.parameters(), lr, (cfg.beta1, cfg.beta2), device),
+                    make_optimizer(discriminator.parameters(), lr, (cfg.beta1, cfg.beta2), device),
+                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                    torch.amp.GradScaler(device.type, enabled=precision == "fp16"))
     if resume is not None:
-        opt_g.load_state_dict(resume["opt_g"])
-        opt_d.load_state_dict(resume["opt_d"])
+        for name in ("opt_g", "opt_d", "scaler_g", "scaler_d"):
+            getattr(nets, name).load_state_dict(resume[name])
         # load_state_dict brings back the saved lr; use this run's (--lr, --scale-lr x world size).
-        for group in (*opt_g.param_groups, *opt_d.param_groups):
+        for group in (*nets.opt_g.param_groups, *nets.opt_d.param_groups):
             group["lr"] = lr
-        scaler_g.load_state_dict(resume["scaler_g"])
-        scaler_d.load_state_dict(resume["scaler_d"])
-        start_epoch, skip_batches = resume["epoch"], resume["batches_done"]
-        history, run_id, step = list(resume["history"]), resume.get("wandb_run_id"), resume["step"]
-        if skip_batches:
-            if resume.get("world_size", 1) != info.world_size:
-                log(f"note: resuming mid-epoch with a different world size; epoch {start_epoch + 1} restarts")
-                skip_batches = 0
-            elif info.is_main:  # the saved sums are the whole job's: one rank carries them on
-                partial_sums = resume["partial_sums"].clone()
         if resume.get("world_size", 1) == info.world_size:
             set_rng_state(resume["rng"][info.rank] if isinstance(resume["rng"], list) else resume["rng"])
-        log(f"resumed from {args.resume}: epoch {start_epoch + 1}, batch {skip_batches}, step {step}")
     else:
         # Same weights on every rank (DDP also broadcasts rank 0's), different dropout noise.
-        torch.manual_seed(args.seed + info.rank)
+        torch.manual_seed(cfg.seed + info.rank)
+    nets.generator = maybe_compile(wrap_ddp(nets.generator, info, device), cfg.compile)
+    nets.discriminator = maybe_compile(wrap_ddp(nets.discriminator, info, device), cfg.compile)
+    return nets
 
-    generator = maybe_compile(wrap_ddp(generator, info, device), args.compile)
-    discriminator = maybe_compile(wrap_ddp(discriminator, info, device), args.compile)
 
-    train_set, sample_set = build_datasets(args)
-    sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
-    workers = loader_workers(args.workers, device)
-    loader_rng = torch.Generator()
-    loader = make_loader(train_set, args.batch_size, workers, device, sampler=sampler, generator=loader_rng)
-    samples = [sample_set[i] for i in range(min(args.num_samples, len(sample_set)))]
-    sample_labels = torch.stack([s[0] for s in samples]) if samples else None
-    sample_images = torch.stack([s[1] for s in samples]) if samples else None
+def check_resume(cfg, model_cfg, resume):
+    """A checkpoint resumes only the same networks on the same label set, with epochs left."""
+    if resume is None:
+        return
+    if resume["model_config"]["label_set"] != model_cfg["label_set"]:
+        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {resume['model_config']['label_set']} "
+                        f"label set, but {cfg.data_dir} gives {model_cfg['label_set']} masks")
+    if resume["model_config"] != model_cfg:
+        raise UserError(f"checkpoint {cfg.resume} was trained with {resume['model_config']}, but this run asks "
+                        f"for {model_cfg}; leave out --ngf/--ndf/--norm/--dropout/--unet-depth to resume with "
+                        f"the checkpoint's")
+    check_epochs_left(cfg, resume)
 
-    log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
-        f"precision {precision}, batch {args.batch_size} x {info.world_size} = "
-        f"{args.batch_size * info.world_size} effective, lr {lr:g}, {workers} loader worker(s)")
-    run = init_wandb(args, out_dir, run_id) if info.is_main else None
-    step_cfg = step_config_from_args(args, autocast)
 
-    def checkpoint_state(epoch, batches_done, sums):
-        rng = get_rng_state()
-        if info.distributed:
-            gathered = [None] * info.world_size
-            dist.all_gather_object(gathered, rng)
-            rng = gathered
-            sums = sums.clone()
-            dist.all_reduce(sums)
-        return {
-            "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
-            "generator": unwrap(generator).state_dict(), "discriminator": unwrap(discriminator).state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "scaler_g": scaler_g.state_dict(), "scaler_d": scaler_d.state_dict(),
-            "epoch": epoch, "batches_done": batches_done, "step": step, "partial_sums": sums.cpu(),
-            "history": history, "rng": rng, "world_size": info.world_size,
-            "model_config": model_cfg, "config": {k: v for k, v in vars(args).items()},
-            "wandb_run_id": run.id if run is not None else run_id,
-        }
+def learning_rate(cfg, info):
+    return cfg.lr * (info.world_size if cfg.scale_lr else 1)
 
-    def save(epoch, batches_done, sums, also_as=None):
-        state = checkpoint_state(epoch, batches_done, sums)  # collective under DDP: all ranks call
+
+def restore_progress(cfg, resume, info, log):
+    """The counters and history a checkpoint carries (a fresh Progress without one)."""
+    if resume is None:
+        return Progress()
+    progress = Progress(epoch=resume["epoch"], batches_done=resume["batches_done"], step=resume["step"],
+                        history=list(resume["history"]), wandb_run_id=resume.get("wandb_run_id"))
+    if progress.batches_done:
+        if resume.get("world_size", 1) != info.world_size:
+            log(f"note: resuming mid-epoch with a different world size; epoch {progress.epoch + 1} restarts")
+            progress.batches_done = 0
+        elif info.is_main:  # the saved sums are the whole job's: one rank carries them on
+            progress.sums = resume["partial_sums"].clone()
+    log(f"resumed from {cfg.resume}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
+    return progress
+
+
+def checkpoint_state(cfg, model_cfg, nets, progress, sums, info, wandb_run_id):
+    """Everything needed to resume, gathered from all ranks (a collective under DDP:
+    every rank calls it). `sums` are this rank's loss sums for the current epoch."""
+    rng = get_rng_state()
+    if info.distributed:
+        gathered = [None] * info.world_size
+        dist.all_gather_object(gathered, rng)
+        rng = gathered
+        sums = sums.clone()
+        dist.all_reduce(sums)
+    return {
+        "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
+        "generator": unwrap(nets.generator).state_dict(), "discriminator": unwrap(nets.discriminator).state_dict(),
+        "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
+        "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
+        "epoch": progress.epoch, "batches_done": progress.batches_done, "step": progress.step,
+        "partial_sums": sums.cpu(), "history": progress.history, "rng": rng, "world_size": info.world_size,
+        "model_config": model_cfg, "config": vars(cfg), "wandb_run_id": wandb_run_id,
+    }
+
+
+def save_checkpoint(state, ckpt_dir, info, also_as=None):
+    if info.is_main:
+        atomic_save_torch(state, ckpt_dir / "last.pt")
+        if also_as:
+            atomic_save_torch(state, ckpt_dir / also_as)
+    barrier()
+
+
+def reduce_progress(sums, stop_requested, info, device):
+    """The job's mean losses so far this epoch, and whether any rank was asked to stop:
+    one all-reduce, and the loop's only host-device sync."""
+    packed = torch.cat([sums, torch.tensor([float(stop_requested)], device=device)])
+    if info.distributed:
+        dist.all_reduce(packed)
+    means = (packed[:BATCHES] / packed[BATCHES].clamp(min=1)).tolist()
+    return dict(zip(LOSS_NAMES, means)), packed[BATCHES + 1].item() > 0
+
+
+def train_epoch(cfg, nets, progress, loader, sampler, loader_rng, step_cfg, info, device, channels_last, stop,
+                save, run, num_classes):
+    """One epoch from progress.batches_done on; returns this rank's loss sums. A stop
+    request saves last.pt mid-epoch and exits with status 143."""
+    epoch = progress.epoch
+    sampler.set_epoch(epoch, skip=progress.batches_done * cfg.batch_size)
+    loader_rng.manual_seed(cfg.seed * 1000003 + epoch)
+    nets.generator.train()
+    nets.discriminator.train()
+    sums = progress.sums.to(device)
+    progress.sums = torch.zeros_like(progress.sums)
+    epoch_batches = progress.batches_done + len(loader)
+    # A lone process checks the (host-side) stop flag every step; under DDP all ranks
+    # must agree on the step, so the flag travels with the --log-every reduction.
+    check_every = cfg.log_every if info.distributed else 1
+    with tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main, dynamic_ncols=True,
+              initial=progress.batches_done, total=epoch_batches) as bar:
+        for labels, image in bar:
+            mask, real = prepare_batch(labels, image, device, channels_last, num_classes)
+            losses = gan_train_step(nets.generator, nets.discriminator, nets.opt_g, nets.opt_d, nets.scaler_g,
+                                    nets.scaler_d, mask, real, step_cfg)
+            sums[:BATCHES] += losses
+            sums[BATCHES] += 1
+            progress.step += 1
+            progress.batches_done += 1
+            last = progress.batches_done == epoch_batches
+            if progress.step % cfg.log_every == 0 or last:
+                means, stopping = reduce_progress(sums, stop.requested, info, device)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()})
+                if run is not None:
+                    run.log({**{f"train/{k}": v for k, v in means.items()}, "epoch": epoch}, step=progress.step)
+            elif progress.step % check_every == 0:
+                stopping = stop.requested
+            else:
+                stopping = False
+            if stopping:
+                save(sums)
+                last_pt = Path(cfg.out_dir) / "checkpoints" / "last.pt"
+                if info.is_main:
+                    print(f"stopped by signal; saved {last_pt} (epoch {epoch + 1}, batch {progress.batches_done}); "
+                          f"continue with --resume {last_pt}")
+                raise SystemExit(143)
+            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
+                save(sums)
+    return sums
+
+
+def end_of_epoch(cfg, nets, progress, sums, samples, labels, info, device, channels_last, autocast, save, run, log):
+    """Epoch means into the history, checkpoints, the sample grid, the loss plot, wandb."""
+    if info.distributed:
+        dist.all_reduce(sums)
+    means = (sums[:BATCHES] / sums[BATCHES].clamp(min=1)).tolist()
+    progress.epoch += 1
+    progress.batches_done = 0
+    progress.history.append({"epoch": progress.epoch, **dict(zip(LOSS_NAMES, means))})
+    keep = f"epoch_{progress.epoch:04d}.pt" if cfg.save_every and progress.epoch % cfg.save_every == 0 else None
+    save(torch.zeros_like(progress.sums), also_as=keep)
+    if not info.is_main:
+        return
+    out_dir = Path(cfg.out_dir)
+    grid_path = out_dir / "samples" / f"epoch_{progress.epoch:04d}.png"
+    if samples is not None:
+        mask, real = prepare_batch(*samples, device, channels_last, labels.num_classes)
+        fake = generate(unwrap(nets.generator), mask, autocast, "eval")
+        atomic_save_png(triplet_grid(samples[0], real, fake, labels), grid_path)
+    save_loss_plot(progress.history, out_dir / "loss_curves.png")
+    log(f"epoch {progress.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in zip(LOSS_NAMES, means))
+        + f" | samples {grid_path}")
+    if run is not None:
+        log_epoch_to_wandb(run, means, grid_path, out_dir / "checkpoints" / "last.pt", progress)
+
+
+def log_epoch_to_wandb(run, means, grid_path, last_checkpoint, progress):
+    import wandb
+    payload = {f"epoch/{k}": v for k, v in zip(LOSS_NAMES, means)}
+    if grid_path.exists():
+        payload["samples"] = wandb.Image(str(grid_path), caption="mask | real | fake")
+    run.log({**payload, "epoch": progress.epoch}, step=progress.step)
+    if run.settings.mode == "online":
+        artifact = wandb.Artifact(f"{run.id}-checkpoint", type="model")
+        artifact.add_file(str(last_checkpoint))
+        run.log_artifact(artifact, aliases=["latest", f"epoch-{progress.epoch}"])
+
+
+def run_training(cfg, resume, build_datasets, require_distributed=False):
+    """Train G and D on the settled config `cfg` (config.settle_config), from `resume`
+    (a checkpoint dict) when given. `build_datasets(cfg)` returns (train dataset,
+    sample dataset); items are (labels uint8 (H, W), image uint8 (3, H, W))."""
+    check_training_config(cfg)
+    with distributed(cfg.device, cfg.dist_timeout, cfg.channels_last, require=require_distributed) \
+            as (info, device, channels_last), StopRequest() as stop:
+        log = print if info.is_main else (lambda *a, **k: None)
+        ckpt_dir = Path(cfg.out_dir) / "checkpoints"
+        precision = resolve_precision(cfg.precision, device)
+        autocast = autocast_context(device, precision)
         if info.is_main:
-            atomic_save_torch(state, ckpt_dir / "last.pt")
-            if also_as:
-                atomic_save_torch(state, ckpt_dir / also_as)
+            prepare_run_dir(cfg.out_dir, resume is not None, cfg.overwrite)
+            # Temp files left by a run killed while saving; the checkpoints themselves are intact.
+            for stale in ckpt_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         barrier()
 
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch, skip=skip_batches * args.batch_size)
-        loader_rng.manual_seed(args.seed * 1000003 + epoch)
-        generator.train()
-        discriminator.train()
-        sums = partial_sums.to(device)  # [loss_d, loss_g_adv, loss_l1, batches]
-        partial_sums = torch.zeros_like(partial_sums)
-        batches_done = skip_batches
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main,
-                   dynamic_ncols=True, initial=skip_batches, total=skip_batches + len(loader))
-        epoch_batches = skip_batches + len(loader)  # not bar.initial: a disabled tqdm (ranks > 0) lacks it
-        skip_batches = 0
-        for labels, image in bar:
-            mask, real = prepare_batch(labels, image, device, args.channels_last)
-            losses = gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, mask, real, step_cfg)
-            sums[:3] += losses
-            sums[3] += 1
-            step += 1
-            batches_done += 1
-            if step % args.log_every == 0 or batches_done == epoch_batches:
-                # The only host-device sync in the loop, once every --log-every steps.
-                flags = torch.tensor([float(stop.requested)], device=device)
-                reduced = torch.cat([sums, flags])
-                if info.distributed:
-                    dist.all_reduce(reduced)
-                means = (reduced[:3] / reduced[3]).tolist()
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in zip(LOSS_NAMES, means)})
-                if run is not None:
-                    run.log({**{f"train/{k}": v for k, v in zip(LOSS_NAMES, means)}, "epoch": epoch}, step=step)
-                if reduced[4].item() > 0:
-                    save(epoch, batches_done, sums)
-                    log(f"stopped by signal; saved {ckpt_dir / 'last.pt'} (epoch {epoch + 1}, batch {batches_done}); "
-                        f"continue with --resume {ckpt_dir / 'last.pt'}")
-                    raise SystemExit(143)
-            if args.save_every_steps and step % args.save_every_steps == 0:
-                save(epoch, batches_done, sums)
-        bar.close()
+        # --- data, and the networks it asks for
+        train_set, sample_set = build_datasets(cfg)
+        if len(train_set) == 0:
+            raise UserError(f"no training images in {cfg.data_dir} with these options; nothing to train on")
+        labels = train_set.label_set
+        model_cfg = model_config(cfg, labels, train_set[0][0].shape[-1])
+        check_resume(cfg, model_cfg, resume)
+        sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+        workers = loader_workers(cfg.workers, device)
+        loader_rng = torch.Generator()
+        loader = make_loader(train_set, cfg.batch_size, workers, device, sampler=sampler, generator=loader_rng)
+        shown = [sample_set[i] for i in range(min(cfg.num_samples, len(sample_set)))]
+        samples = tuple(map(torch.stack, zip(*shown))) if shown else None
 
-        if info.distributed:
-            dist.all_reduce(sums)
-        means = (sums[:3] / sums[3].clamp(min=1)).tolist()
-        history.append({"epoch": epoch + 1, **dict(zip(LOSS_NAMES, means))})
-        keep = f"epoch_{epoch + 1:04d}.pt" if args.save_every and (epoch + 1) % args.save_every == 0 else None
-        save(epoch + 1, 0, torch.zeros_like(partial_sums), also_as=keep)
-        if info.is_main:
-            grid_path = out_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
-            if sample_labels is not None:
-                mask, real = prepare_batch(sample_labels, sample_images, device, args.channels_last)
-                fake = generate(unwrap(generator), mask, autocast, "eval")
-                atomic_save_png(triplet_grid(sample_labels, real, fake), grid_path)
-            save_loss_plot(history, out_dir / "loss_curves.png")
-            log(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.4f}" for k, v in zip(LOSS_NAMES, means))
-                + f" | samples {grid_path}")
-            if run is not None:
-                import wandb
-                payload = {f"epoch/{k}": v for k, v in zip(LOSS_NAMES, means)}
-                if grid_path.exists():
-                    payload["samples"] = wandb.Image(str(grid_path), caption="mask | real | fake")
-                run.log({**payload, "epoch": epoch + 1}, step=step)
-                if run.settings.mode == "online":
-                    artifact = wandb.Artifact(f"{run.id}-checkpoint", type="model")
-                    artifact.add_file(str(ckpt_dir / "last.pt"))
-                    run.log_artifact(artifact, aliases=["latest", f"epoch-{epoch + 1}"])
-    if run is not None:
-        run.finish()
-    log(f"done: {ckpt_dir / 'last.pt'}")
+        # --- networks and where the run stands
+        nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
+        progress = restore_progress(cfg, resume, info, log)
+        log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
+            f"precision {precision}, batch {cfg.batch_size} x {info.world_size} = "
+            f"{cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, {workers} loader worker(s)")
+        run = init_wandb(cfg, cfg.out_dir, progress.wandb_run_id) if info.is_main else None
+        run_id = run.id if run is not None else progress.wandb_run_id
+        step_cfg = step_config_from_args(cfg, autocast)
+
+        def save(sums, also_as=None):
+            save_checkpoint(checkpoint_state(cfg, model_cfg, nets, progress, sums, info, run_id), ckpt_dir, info,
+                            also_as)
+
+        # --- the epochs
+        while progress.epoch < cfg.epochs:
+            sums = train_epoch(cfg, nets, progress, loader, sampler, loader_rng, step_cfg, info, device,
+                               channels_last, stop, save, run, labels.num_classes)
+            end_of_epoch(cfg, nets, progress, sums, samples, labels, info, device, channels_last, autocast, save,
+                         run, log)
+        if run is not None:
+            run.finish()
+        log(f"done: {ckpt_dir / 'last.pt'}")

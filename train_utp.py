@@ -8,10 +8,12 @@ Each visit of an image trains on --crops-per-image crops of it (or the five of
 in turn. --cache-dir stores decoded pairs (about 13 MB each) so later epochs skip
 PNG decoding.
 """
-from config import parse_training_args
+from config import settle_config, training_parser
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoCentre, UniToPathoPairs
+from gan import read_resume_checkpoint
 from generator_model import SIZE_MULTIPLE
+from runtime import main_process_log
 from train_utils import run_training
 from utils import run_main
 
@@ -28,8 +30,8 @@ def build_datasets(args):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    args = parse_training_args("UniToPatho", argv)
-    run_training(args, build_datasets, require_distributed=require_distributed)
+    cfg, resume = settle_config(training_parser("UniToPatho"), argv, read_resume_checkpoint, log=main_process_log)
+    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
 
 
 if __name__ == "__main__":

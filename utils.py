@@ -2,12 +2,15 @@
 checkpoint files, a cache of arrays derived from files, RNG state capture, wandb
 mode resolution, and figures."""
 import contextlib
+import errno
 import functools
 import hashlib
 import os
 import random
+import socket
 import sys
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -46,14 +49,64 @@ def run_main(main):
     return wrapper
 
 
+def within(path, folder):
+    """Whether `path` is `folder` or lies below it, once both are resolved (.., symlinks)."""
+    return Path(path).resolve().is_relative_to(Path(folder).resolve())
+
+
+def inside(folder, path):
+    """`path`, checked to resolve strictly inside `folder`: an output path built from
+    data (a CSV's file names, say) must never escape its output folder."""
+    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise UserError(f"refusing to write {path}: it resolves to {resolved}, outside {folder}")
+    return path
+
+
+def current_umask():
+    """The process umask. Linux shows it in /proc (read-only, thread-safe); elsewhere
+    it can only be read by setting it, so set it back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Write failures the user must fix (not bugs), as one line each.
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device writing {path}",
+    errno.EDQUOT: "disk quota exceeded writing {path}",
+    errno.EACCES: "cannot write {path}: permission denied",
+    errno.EPERM: "cannot write {path}: permission denied",
+    errno.EROFS: "cannot write {path}: read-only file system",
+}
+
+
 def atomic_write(path, write):
     """Call `write(f)` on a binary temp file beside `path`, then rename it over `path`:
     a crash mid-write leaves the previous file intact, and concurrent readers (loader
-    workers, other ranks) see the old file or the new one, never half of one."""
+    workers, other ranks) see the old file or the new one, never half of one. A full
+    disk or an unwritable folder is a UserError naming `path`."""
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRORS:
+            raise
+        raise UserError(WRITE_ERRORS[exc.errno].format(path=path)) from None
+
+
+def _atomic_write(path, write):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (where the
+        # file system has modes at all).
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -122,7 +175,10 @@ class ArrayCache:
         """The arrays `derive()` returns (one per name), from the cache when present."""
         files = self.files(sources, names, tag)
         if all(f.is_file() for f in files):
-            return tuple(np.load(f, mmap_mode="r") for f in files)
+            try:
+                return tuple(np.load(f, mmap_mode="r", allow_pickle=False) for f in files)
+            except (OSError, ValueError, EOFError):
+                pass  # truncated or damaged (a full disk, an interrupted copy): derive it again
         arrays = derive()
         for array, f in zip(arrays, files):
             atomic_save_npy(array, f)
@@ -138,11 +194,23 @@ def safe_torch_load(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt/foreign files
         text = str(exc).strip()
-        if "Weights only load failed" in text:
+        if not looks_like_torch_file(path):
+            reason = "not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this file is neither)"
+        elif "Weights only load failed" in text:
             reason = "not a PyTorch checkpoint, or it holds objects that are unsafe to load (weights_only=True)"
         else:
             reason = text.splitlines()[0] if text else type(exc).__name__
         raise UserError(f"cannot read {what} {path}: {reason}") from None
+
+
+def looks_like_torch_file(path):
+    """Whether the file starts as torch.save output does: a zip archive, or (legacy) a pickle."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True  # unreadable: torch's own error says why
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 # Every checkpoint this project writes names its kind, so a file meant for one script
@@ -150,11 +218,15 @@ def safe_torch_load(path, what="checkpoint"):
 CHECKPOINT_KINDS = {
     "he-pix2pix": "a pix2pix GAN checkpoint (from train_pannuke.py / train_utp.py)",
     "he-segmenter": "a nucleus segmenter checkpoint (from train_segmenter.py)",
+    "utp-classifier": "a UniToPatho classifier checkpoint (from classify_utp.py)",
+    "fid-features": "a feature network for evaluate.py (from metrics.save_feature_net)",
 }
 
 
-def load_checkpoint_of_kind(path, kind):
-    """safe_torch_load, then check the checkpoint's 'kind' field."""
+def load_checkpoint_of_kind(path, kind, required=(), version=1):
+    """safe_torch_load, then check the checkpoint's 'kind' field, that its format
+    'version' is one this code reads (at most `version`), and that it holds the
+    `required` keys."""
     ckpt = safe_torch_load(path)
     found = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if found != kind:
@@ -162,6 +234,13 @@ def load_checkpoint_of_kind(path, kind):
         if found in CHECKPOINT_KINDS:
             raise UserError(f"{path} is {CHECKPOINT_KINDS[found]} (kind {found!r}), not {expected}")
         raise UserError(f"{path} is not {expected}; it has kind {found!r}")
+    if ckpt.get("version", 1) > version:
+        raise UserError(f"{path} was written by a newer version of this project (checkpoint format "
+                        f"{ckpt['version']}, this code reads up to {version}); update the code to load it")
+    missing = [key for key in required if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is {CHECKPOINT_KINDS[kind]} but lacks {', '.join(map(repr, missing))} "
+                        f"(an incomplete or hand-edited checkpoint?)")
     return ckpt
 
 
@@ -205,8 +284,45 @@ def wandb_has_credentials():
         return False
 
 
+WANDB_TIMEOUT = 3  # seconds to wait for the wandb server before logging offline
+
+
+def wandb_server():
+    """(host, port) of the wandb server: WANDB_BASE_URL's, else api.wandb.ai:443."""
+    url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    try:
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:  # a malformed port: unreachable
+        port = 0
+    return url.hostname or "", port
+
+
+def wandb_reachable(host, port, timeout=WANDB_TIMEOUT):
+    """Whether a TCP connection to the server opens within `timeout` seconds."""
+    if not host or not port:
+        return False
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def resolve_wandb_mode(mode):
-    """'auto' means online when an account is configured (env key or `wandb login`), else offline."""
-    if mode == "auto":
-        return "online" if wandb_has_credentials() else "offline"
-    return mode
+    """'auto' means online when an account is configured (env key or `wandb login`) and its
+    server answers, else offline; 'online' without either is an error."""
+    if mode not in ("auto", "online"):
+        return mode
+    if not wandb_has_credentials():
+        if mode == "online":
+            raise UserError("wandb online needs an account: set WANDB_API_KEY or run `wandb login` "
+                            "(or use --wandb offline)")
+        return "offline"
+    host, port = wandb_server()
+    if wandb_reachable(host, port):
+        return "online"
+    unreachable = f"the wandb server {host}:{port} did not answer within {WANDB_TIMEOUT} s"
+    if mode == "online":
+        raise UserError(f"wandb online: {unreachable}; check the network or WANDB_BASE_URL, or use --wandb offline")
+    print(f"wandb: {unreachable}; logging offline (upload later with `wandb sync`)", file=sys.stderr, flush=True)
+    return "offline"

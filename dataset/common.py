@@ -61,6 +61,13 @@ def read_rgb(path):
 def load_npy(path, mmap=True):
     """np.load without pickles (memory-mapped by default), with a clear error."""
     try:
+        # Without the .npy header np.load would try a pickle (and advise allow_pickle),
+        # or hand back an NpzFile for a zip.
+        with open(path, "rb") as f:
+            if f.read(len(np.lib.format.MAGIC_PREFIX)) != np.lib.format.MAGIC_PREFIX:
+                raise UserError(f"{path} is not a valid .npy array file (it lacks the NumPy .npy header)")
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(f"cannot read {path}: {exc}") from None

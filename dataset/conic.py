@@ -18,7 +18,6 @@ own source.
 Items follow dataset/common.py: (labels, image), a (H, W) uint8 class map and a
 (3, H, W) uint8 image, with seeded joint augmentation for (index, seed) items.
 """
-import io
 import re
 from pathlib import Path
 
@@ -26,10 +25,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset.common import SeededAugmentation, joint_augmentation, load_npy, split_item, to_item
-from dataset.masks import CONIC, CONIC_TO_PANNUKE
-from dataset.masks import label_set as get_label_set
-from utils import UserError, atomic_write
+from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
+from dataset.masks import CONIC, CONIC_TO_PANNUKE, get_label_set
+from utils import UserError, atomic_save_npy, atomic_save_text
 
 FILES = ("images.npy", "labels.npy", "patch_info.csv")
 LAYOUT = "the CoNIC release layout: images.npy, labels.npy, patch_info.csv (counts.csv optional)"
@@ -175,10 +173,7 @@ def write_split_file(path, names, train_idx, test_idx):
     split.update({int(i): "test" for i in test_idx})
     rows = sorted(split)
     table = pd.DataFrame({"patch_info": [names[i] for i in rows], "split": [split[i] for i in rows]})
-    buffer = io.StringIO()
-    table.to_csv(buffer, index=False, lineterminator="\n")
-    # utils.atomic_write (the base writer) rather than its text wrapper, which is being renamed.
-    atomic_write(path, lambda f: f.write(buffer.getvalue().encode("utf-8")))
+    atomic_save_text(path, table.to_csv(index=False, lineterminator="\n"))
 
 
 def read_split_file(path, names):
@@ -232,6 +227,7 @@ class CoNIC(torch.utils.data.Dataset):
         if self.label_set.name not in ("conic", "pannuke"):
             raise UserError(f"CoNIC data cannot be read as label set {label_set!r}; use 'conic' or 'pannuke'")
         self.lut = CONIC_TO_PANNUKE if self.label_set.name == "pannuke" else np.arange(NUM_CONIC_CLASSES, dtype=np.uint8)
+        self.all_names = all_names
         self.names = [all_names[i] for i in self.indices]
         self.sources = [patch_source(n) for n in self.names]
         self.tile_size = self.images.shape[1]
@@ -284,3 +280,20 @@ def build_conic(data_dir, split, seed=0, test_fraction=0.2, split_file=None, aug
         train_idx, test_idx = split_by_source(names, test_fraction=test_fraction, seed=seed)
     # open_conic already checked the data (all of it with check_data): sample checks only here.
     return CoNIC(data_dir, train_idx if split == "train" else test_idx, augment=augment, label_set=label_set)
+
+
+def write_conic_folder(dataset, image_paths, out_dir):
+    """Write `dataset`'s patches as a CoNIC folder whose images are the files
+    `image_paths` (one per item, e.g. synthetic PNGs): images.npy from them, and the
+    items' rows of labels.npy, patch_info.csv and (when present) counts.csv, so that a
+    CoNIC loader reads it unchanged."""
+    out_dir = Path(out_dir)
+    images = np.stack([read_rgb(path) for path in image_paths]) if image_paths else np.zeros((0, 0, 0, 3), np.uint8)
+    atomic_save_npy(images, out_dir / "images.npy")
+    atomic_save_npy(np.asarray(dataset.labels[dataset.indices]), out_dir / "labels.npy")
+    atomic_save_text(out_dir / "patch_info.csv", pd.DataFrame({"patch_info": dataset.names}).to_csv(index=False))
+    counts = dataset.data_dir / "counts.csv"
+    if counts.is_file():
+        table = pd.read_csv(counts)
+        if len(table) == len(dataset.all_names):
+            atomic_save_text(out_dir / "counts.csv", table.iloc[dataset.indices].to_csv(index=False))

@@ -67,7 +67,7 @@ LABEL_SETS = {ls.name: ls for ls in (PANNUKE, CONIC)}
 CONIC_TO_PANNUKE = np.array([BACKGROUND, 1, 4, 1, 1, 1, 2], dtype=np.uint8)
 
 
-def label_set(name):
+def get_label_set(name):
     """The LabelSet called `name` (a ValueError lists the known ones)."""
     try:
         return LABEL_SETS[name]

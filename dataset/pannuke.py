@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
-from dataset.masks import NUM_CLASSES, pannuke_to_labels
+from dataset.masks import NUM_CLASSES, PANNUKE, pannuke_to_labels
 from utils import UserError
 
 TISSUES = ("Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon", "Esophagus", "HeadNeck",
@@ -73,6 +73,8 @@ def select_tissue(types, tissue, where):
 class PanNukeFolds(torch.utils.data.Dataset):
     """Patches of the chosen tissue from the chosen official folds, memory-mapped."""
 
+    label_set = PANNUKE
+
     def __init__(self, data_dir, folds, tissue="Colon", augment=False):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
@@ -102,6 +104,8 @@ class PanNukeFolds(torch.utils.data.Dataset):
 
 class PanNukeConverted(torch.utils.data.Dataset):
     """The converted layout: split/data/<name>.png with split/masks/<name>.npy (H, W, 6)."""
+
+    label_set = PANNUKE
 
     def __init__(self, data_dir, split, augment=False):
         root = Path(data_dir) / split
@@ -143,47 +147,3 @@ def build_pannuke(data_dir, folds, tissue, augment, split):
     if is_converted_layout(data_dir) and not (Path(data_dir) / "Fold 1").exists():
         return PanNukeConverted(data_dir, split, augment=augment)
     return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment)
-
-
-def write_demo_folds(root, patches_per_fold=(16, 16, 8), size=256, seed=0):
-    """Write a small dataset in the official fold layout from real tissue shipped in
-    scikit-image (an IHC-stained colon section), so the demo needs no download.
-
-    Nuclei come from colour deconvolution: hematoxylin-rich blobs become instances;
-    DAB-positive (brown) nuclei are labelled Neoplastic, the rest Epithelial or
-    Inflammatory by size. Good enough to show the model learning mask -> tissue.
-    """
-    from scipy import ndimage
-    from skimage import color, data, filters, measure, morphology
-
-    rng = np.random.default_rng(seed)
-    tissue = data.immunohistochemistry()  # (512, 512, 3) uint8
-    hed = color.rgb2hed(tissue)
-    hema = filters.gaussian(hed[..., 0], sigma=1.0)
-    nuclei = morphology.remove_small_objects(hema > filters.threshold_otsu(hema), max_size=20)
-    nuclei = ndimage.binary_opening(nuclei, iterations=1)
-    instances = measure.label(nuclei)
-    dab = hed[..., 2]
-    dab_cut = filters.threshold_otsu(dab)
-    mask = np.zeros(tissue.shape[:2] + (NUM_CLASSES,), dtype=np.float64)
-    for region in measure.regionprops(instances, intensity_image=dab):
-        cls = 0 if region.intensity_mean > dab_cut else (1 if region.area < 60 else 4)
-        rr, cc = region.coords[:, 0], region.coords[:, 1]
-        mask[rr, cc, cls] = region.label
-    mask[..., 5] = (mask[..., :5].sum(-1) == 0)
-
-    root = Path(root)
-    for k, count in enumerate(patches_per_fold, start=1):
-        images, masks = [], []
-        for _ in range(count):
-            y, x = rng.integers(0, tissue.shape[0] - size + 1), rng.integers(0, tissue.shape[1] - size + 1)
-            turns = int(rng.integers(4))
-            images.append(np.rot90(tissue[y:y + size, x:x + size], turns).astype(np.float64))
-            masks.append(np.rot90(mask[y:y + size, x:x + size], turns))
-        paths = fold_paths(root, k)
-        for p in paths.values():
-            p.parent.mkdir(parents=True, exist_ok=True)
-        np.save(paths["images"], np.stack(images))
-        np.save(paths["masks"], np.stack(masks))
-        np.save(paths["types"], np.array(["Colon"] * count))
-    return root

@@ -59,7 +59,25 @@ def read_split(data_dir, split):
             raise UserError(f"{path}: column {column!r} holds {rows[column][bad].iloc[0]} in {int(bad.sum())} "
                             f"row(s); expected integer codes {low}..{len(names) - 1}")
         rows[column] = codes.astype(np.int64)
+    check_path_columns(rows, path)
     return rows.reset_index(drop=True)
+
+
+def plain_file_name(name):
+    """A name that stays in its folder when joined: no separator, not '.' or '..' (so never absolute)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def check_path_columns(rows, path):
+    """top_label_name and image_id become paths (D/<top_label_name>/<image_id>, and the same
+    under output folders): only the six class folders and plain file names may pass."""
+    labels = CLASSES["top_label"]
+    for line, label, name in zip(range(2, len(rows) + 2), rows["top_label_name"], rows["image_id"]):  # 1: header
+        if label not in labels:
+            raise UserError(f"{path}, line {line}: top_label_name {label!r} is not one of {', '.join(labels)}")
+        if not plain_file_name(name):
+            raise UserError(f"{path}, line {line}: image_id {name!r} is not a plain file name (expected a name "
+                            f"like 'x.png' with no '/', '\\', '..' or absolute path)")
 
 
 def missing_files_error(paths, what, where):

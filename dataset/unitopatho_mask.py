@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from dataset.common import SeededAugmentation, joint_augmentation, read_rgb, split_item, to_item
-from dataset.masks import rgb_to_labels
+from dataset.masks import PANNUKE, rgb_to_labels
 from dataset.unitopatho import missing_files_error
 from utils import ArrayCache, UserError
 
@@ -86,6 +86,8 @@ class UniToPathoPairs(torch.utils.data.Dataset):
     crop_scheme 'fivecrop'. Crop positions and each crop's flips/rotations come from
     the item's seed (the index when indexed plainly), so items are reproducible.
     """
+
+    label_set = PANNUKE  # masks are palette PNGs in the PanNuke palette
 
     def __init__(self, dataset, masks_dir, crop_size=256, crops_per_image=4, crop_scheme="random", augment=True,
                  cache_dir=None, size_multiple=1):

@@ -1,7 +1,7 @@
 """Shared fixtures for the core (PanNuke) tests.
 
 Tiny PanNuke data is written here with plain numpy in the *official* release format,
-independently of the project's own writer (dataset.pannuke.write_demo_folds), so a
+independently of the project's own writer (demo.write_demo_folds), so a
 format bug in the project cannot hide behind a matching bug in the fixtures:
 
     <root>/Fold k/images/foldk/images.npy   (N, 256, 256, 3) float64, 0..255

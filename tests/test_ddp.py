@@ -182,7 +182,7 @@ def test_ddp_checkpoint_loads_in_test_py_under_torchrun(ddp_run, data, tmp_path)
     assert written == ["fold2_00000.png", "fold2_00001.png", "fold2_00002.png"], written
     # Rank 0 writes items 0 and 2, rank 1 item 1; rank 0 alone reports and writes grids.
     assert "synthetic images for 3 samples" in log and "2 processes, each wrote its share" in log
-    assert len(list((synth / "grids").glob("*.png"))) == 1
+    assert len(list((tmp_path / "synthetic.grids").glob("*.png"))) == 1
 
 
 def test_ddp_checkpoint_resumes_on_one_device_then_under_ddp(ddp_run, data, tmp_path):

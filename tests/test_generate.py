@@ -45,8 +45,9 @@ def test_one_png_per_test_sample_with_names_and_sizes(tmp_path, generate, pannuk
         image = read(out / name)
         assert image.shape == (256, 256, 3) and image.dtype == np.uint8
         assert image.std() > 0
-    # Two samples, batch 8: one batch, one grid of rows mask | real | fake.
-    grids = sorted((out / "grids").glob("*.png"))
+    # Two samples, batch 8: one batch, one grid of rows mask | real | fake, beside the output folder.
+    assert not (out / "grids").exists()
+    grids = sorted((tmp_path / "out.grids").glob("*.png"))
     assert [g.name for g in grids] == ["grid_0000.png"]
     assert read(grids[0]).shape == (2 * 256 + 4, 3 * 256 + 2 * 4, 3)
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
@@ -55,13 +56,13 @@ def test_one_png_per_test_sample_with_names_and_sizes(tmp_path, generate, pannuk
 def test_folds_and_tissue_select_the_samples(tmp_path, generate):
     out = generate(tmp_path / "out", "--test-folds", 1, 3, "--tissue", "BREAST", "--grids", 0)
     assert pngs(out) == ["fold1_00002.png", "fold3_00001.png"]
-    assert not (out / "grids").exists()
+    assert not (tmp_path / "out.grids").exists()
 
 
 def test_grid_count_follows_batches(tmp_path, generate):
-    out = generate(tmp_path / "out", "--batch-size", 1, "--grids", 16)
-    assert pngs(out / "grids") == ["grid_0000.png", "grid_0001.png"]
-    assert read(out / "grids" / "grid_0000.png").shape == (256, 3 * 256 + 8, 3)
+    generate(tmp_path / "out", "--batch-size", 1, "--grids", 16, "--grids-dir", tmp_path / "g")
+    assert pngs(tmp_path / "g") == ["grid_0000.png", "grid_0001.png"]
+    assert read(tmp_path / "g" / "grid_0000.png").shape == (256, 3 * 256 + 8, 3)
 
 
 def test_skips_existing_and_overwrite_regenerates(tmp_path, generate):

@@ -19,12 +19,11 @@ from PIL import Image
 from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES, PALETTE, rgb_to_labels
 from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho_mask import read_mask
+from metrics import confusion_matrix, dice_iou, mask_scores
 from segmenter import (
     CHECKPOINT_KIND,
     Segmenter,
     StainNormalizer,
-    confusion_matrix,
-    dice_iou,
     load_encoder_weights,
     load_segmenter,
     optical_density,
@@ -32,7 +31,6 @@ from segmenter import (
     read_segmenter_checkpoint,
     segment_image,
     segmentation_loss,
-    summarize,
 )
 from utils import UserError, atomic_save_torch
 
@@ -119,30 +117,30 @@ def expected_masks(utp_dir, out_dir):
 def test_dice_iou_hand_made_cases():
     target = torch.tensor([[0, 0, 0, 0], [5, 5, 5, 5], [1, 1, 5, 5]])
     # Perfect: every class present scores 1; classes absent from both are undefined (NaN).
-    dice, iou = dice_iou(confusion_matrix(target, target))
+    dice, iou = dice_iou(confusion_matrix(target, target, NUM_CLASSES))
     assert np.allclose(dice[[0, 1, 5]], 1) and np.allclose(iou[[0, 1, 5]], 1)
     assert np.isnan(dice[[2, 3, 4]]).all() and np.isnan(iou[[2, 3, 4]]).all()
     # Disjoint: class 0 predicted exactly where it is absent and vice versa -> 0.
     pred = torch.where(target == 0, 5, torch.where(target == 5, 0, target))
-    dice, iou = dice_iou(confusion_matrix(pred, target))
+    dice, iou = dice_iou(confusion_matrix(pred, target, NUM_CLASSES))
     assert dice[0] == 0 and iou[0] == 0 and dice[5] == 0 and iou[5] == 0 and dice[1] == 1
     # Partial: class 0 true on 4 px, predicted on 2 of them + 2 background px:
     # TP 2, FP 2, FN 2 -> Dice 4/8 = 0.5, IoU 2/6.
     pred = torch.tensor([[0, 0, 5, 5], [0, 0, 5, 5], [1, 1, 5, 5]])
-    dice, iou = dice_iou(confusion_matrix(pred, target))
+    dice, iou = dice_iou(confusion_matrix(pred, target, NUM_CLASSES))
     assert dice[0] == pytest.approx(0.5) and iou[0] == pytest.approx(1 / 3)
     # Background: TP 4, FP 2, FN 2 -> Dice 8/12, IoU 4/8.
     assert dice[5] == pytest.approx(2 / 3) and iou[5] == pytest.approx(0.5)
     # A class predicted but absent from the reference scores 0, not NaN.
     pred = torch.tensor([[0, 0, 0, 0], [5, 5, 5, 3], [1, 1, 5, 5]])
-    dice, iou = dice_iou(confusion_matrix(pred, target))
+    dice, iou = dice_iou(confusion_matrix(pred, target, NUM_CLASSES))
     assert dice[3] == 0 and iou[3] == 0
 
 
 def test_summary_handles_absent_classes_and_nuclei():
     target = torch.tensor([0, 0, 1, 5, 5, 5])
     pred = torch.tensor([0, 1, 1, 5, 5, 0])
-    m = summarize(confusion_matrix(pred, target))
+    m = mask_scores(confusion_matrix(pred, target, NUM_CLASSES))
     assert m["dice"]["Dead"] is None and m["iou"]["Connective"] is None  # undefined -> null in JSON
     # Any nucleus vs background: TP 3, FP 1, FN 0 -> Dice 6/7.
     assert m["dice"]["Nuclei"] == pytest.approx(6 / 7)
@@ -212,7 +210,8 @@ def test_train_writes_metrics_and_resumes_exactly(pannuke_folds, seg_checkpoint,
     assert "--width 4, --batch-size 4, --lr 0.01" in capsys.readouterr().out
     ckpt = torch.load(last, weights_only=True)
     whole = torch.load(seg_checkpoint, weights_only=True)
-    assert ckpt["kind"] == CHECKPOINT_KIND and ckpt["epoch"] == 2 and ckpt["model_config"] == {"encoder": "unet", "width": 4}
+    assert ckpt["kind"] == CHECKPOINT_KIND and ckpt["epoch"] == 2
+    assert ckpt["model_config"] == {"encoder": "unet", "width": 4, "label_set": "pannuke"}
     assert {"optimizer", "scaler", "rng", "history"} <= set(ckpt)
     for k, v in whole["model"].items():
         assert torch.allclose(ckpt["model"][k].float(), v.float(), atol=1e-6), k

@@ -22,9 +22,9 @@ for path in (REPO, HERE):
 
 from utp_fixtures import UTP_META, make_utp_fixture, shared_data_available  # noqa: E402
 
+from bench import loader_throughput  # noqa: E402
 from dataset.masks import PALETTE, labels_to_rgb  # noqa: E402
 from dataset.unitopatho import CLASSES, UniToPatho  # noqa: E402
-from bench import loader_throughput  # noqa: E402
 from dataset.unitopatho_mask import DecodeCache, UniToPathoCentre, UniToPathoPairs, read_mask  # noqa: E402
 from gan import load_generator  # noqa: E402
 from runtime import autocast_context  # noqa: E402
@@ -316,7 +316,8 @@ def test_generation_mirrors_the_split_at_native_size(utp_native, trained, tmp_pa
         assert (out / "test.csv").read_bytes() == (data_dir / "test.csv").read_bytes()
         synthetic = UniToPatho(out, "test")  # a drop-in dataset: same rows, same relative paths
         assert [p.relative_to(out) for p in synthetic.paths] == [p.relative_to(data_dir) for p in split.paths]
-        assert {p.name for p in out.iterdir() if p.is_dir()} == {"HP", "TVA.LG", "grids"}
+        assert {p.name for p in out.iterdir() if p.is_dir()} == {"HP", "TVA.LG"}  # grids go beside, in OUT.grids
+        assert len(list(out.with_name(out.name + ".grids").glob("*.png"))) == 1
         for path in synthetic.paths:
             assert Image.open(path).size == (1812, 1812) and Image.open(path).mode == "RGB"
     # Eval-mode batch norm: both modes run the same per-pixel model on different context,

@@ -1,0 +1,487 @@
+"""Hardening: paths from CSVs stay inside the output folder, test.py records which
+checkpoint made a folder and keeps grids and records beside the drop-in tree, outputs
+never go into the inputs, atomic writes honour the umask and turn a full or read-only
+disk into one line, clear messages for foreign files and damaged caches, and wandb's
+auto mode falls back to offline when its server cannot be reached.
+
+Data: UniToPatho trees from tests/utp_fixtures.py (real CSV rows and file names, real
+H&E) and PanNuke folds from conftest, in the releases' exact formats. The CLI contract
+(one `error:` line, exit 2, no traceback) is checked on real subprocesses."""
+import errno
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for path in (REPO, HERE):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from utp_fixtures import make_utp_fixture, shared_data_available  # noqa: E402
+
+import utils  # noqa: E402
+from dataset.common import load_npy  # noqa: E402
+from dataset.unitopatho import UniToPatho  # noqa: E402
+from dataset.unitopatho_mask import DecodeCache, decode_pair, masks_folder  # noqa: E402
+from utils import UserError  # noqa: E402
+
+needs_utp = pytest.mark.skipif(not shared_data_available(), reason="../shared/data (UniToPatho CSVs, H&E) absent")
+CLASS_FOLDERS = ["HP", "TVA.LG"]
+
+
+# --------------------------------------------------------------------------- fixtures and helpers
+
+@pytest.fixture(scope="module")
+def test_script():
+    # By path: `import test` could find the standard library's test package.
+    spec = importlib.util.spec_from_file_location("hardening_test_script", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def utp_small(tmp_path_factory):
+    """One 300 px test image each of HP and TVA.LG, with masks. Copy before changing it."""
+    if not shared_data_available():
+        pytest.skip("../shared/data (UniToPatho CSVs, H&E) absent")
+    return make_utp_fixture(tmp_path_factory.mktemp("utp_small"), {"test": 1}, size=300, classes=CLASS_FOLDERS)
+
+
+@pytest.fixture
+def utp_copy(utp_small, tmp_path):
+    shutil.copytree(utp_small[0].parent, tmp_path / "utp")
+    return tmp_path / "utp" / "800", tmp_path / "utp" / "masks"
+
+
+@pytest.fixture(scope="module")
+def other_checkpoint(trained_checkpoint, tmp_path_factory):
+    """The same weights saved again with another step: another file, another sha256."""
+    state = torch.load(trained_checkpoint, weights_only=True)
+    state["step"] += 1
+    path = tmp_path_factory.mktemp("other") / "other.pt"
+    torch.save(state, path)
+    return path
+
+
+def set_csv_value(csv, row, column, value):
+    """Change one cell, keeping the official layout (unnamed index column first)."""
+    rows = pd.read_csv(csv, index_col=0)
+    rows[column] = rows[column].astype(object)
+    rows.loc[rows.index[row], column] = value
+    rows.to_csv(csv)
+
+
+def generate_argv(checkpoint, data_dir, out_dir, *extra):
+    return ["--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--out-dir", str(out_dir),
+            "--device", "cpu", "--precision", "fp32", *map(str, extra)]
+
+
+def utp_argv(checkpoint, data_dir, masks_dir, out_dir, *extra):
+    return generate_argv(checkpoint, data_dir, out_dir, "--dataset", "unitopatho", "--masks-dir", masks_dir, *extra)
+
+
+def error_line(text):
+    """The single `error: ...` line that must be all of stderr."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text[-3000:]
+    return lines[0]
+
+
+def main_error(main, argv, capsys):
+    """Run an entry point's main in this process; it must exit 2 with one error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(map(str, argv)))
+    assert exit_info.value.code == 2
+    return error_line(capsys.readouterr().err)
+
+
+def files_under(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------- 1. paths from CSVs
+
+@needs_utp
+@pytest.mark.parametrize("column,value", [
+    ("image_id", "../../escape.png"), ("image_id", "/tmp/absolute.png"), ("image_id", "sub/x.png"),
+    ("image_id", "sub\\x.png"), ("image_id", ".."), ("top_label_name", "grids"), ("top_label_name", "../HP"),
+])
+def test_csv_path_values_are_rejected_naming_file_line_and_value(utp_copy, column, value):
+    data_dir, _ = utp_copy
+    set_csv_value(data_dir / "test.csv", 1, column, value)
+    with pytest.raises(UserError) as err:
+        UniToPatho(data_dir, "test")
+    text = str(err.value)
+    assert "\n" not in text
+    assert f"{data_dir / 'test.csv'}, line 3" in text and repr(value) in text and column in text
+
+
+def test_inside_refuses_escapes_and_symlinks(tmp_path):
+    out = tmp_path / "out"
+    (out / "HP").mkdir(parents=True)
+    assert utils.inside(out, out / "HP" / "a (1), b.png") == out / "HP" / "a (1), b.png"
+    (tmp_path / "elsewhere").mkdir()
+    (out / "link").symlink_to(tmp_path / "elsewhere")
+    for bad in (out / "HP" / ".." / ".." / "x.png", Path("/etc/passwd"), out, out / "link" / "x.png"):
+        with pytest.raises(UserError, match="outside"):
+            utils.inside(out, bad)
+
+
+@needs_utp
+def test_test_py_refuses_a_class_folder_linked_outside(test_script, utp_copy, trained_checkpoint, tmp_path, capsys):
+    data_dir, masks_dir = utp_copy
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "HP").symlink_to(elsewhere)
+    line = main_error(test_script.main, utp_argv(trained_checkpoint, data_dir, masks_dir, out, "--overwrite"), capsys)
+    assert "outside" in line and str(out) in line
+    assert not list(elsewhere.iterdir())
+
+
+def escape_tree(root):
+    """A UniToPatho tree whose test.csv names '../../../escape.png' with an image and a
+    mask really there, so unchecked code would read them and write outside its output."""
+    data_dir, masks_dir = make_utp_fixture(root / "d" / "x", {"test": 1}, size=300, classes=["HP"])
+    name = pd.read_csv(data_dir / "test.csv", index_col=0)["image_id"].iloc[0]
+    bad = "../../../escape.png"
+    for folder in (data_dir / "HP", masks_folder(masks_dir, "test")):
+        target = Path(os.path.normpath(folder / bad))
+        shutil.copyfile(folder / name, target)
+    set_csv_value(data_dir / "test.csv", 0, "image_id", bad)
+    return data_dir, masks_dir
+
+
+def segmenter_checkpoint(path):
+    from segmenter import CHECKPOINT_KIND, build_segmenter
+    cfg = {"encoder": "unet", "width": 4}
+    torch.save({"kind": CHECKPOINT_KIND, "version": 1, "model_config": cfg, "model": build_segmenter(cfg).state_dict(),
+                "epoch": 1}, path)
+    return path
+
+
+# --------------------------------------------------------------------------- the CLI cases, run once
+
+def build_cli_cases(tmp, test_script, checkpoint, other, folds):
+    """{case: (script, argv, strings the error line must contain, folder that must stay as it was)}.
+    No case may write anything, so each can check all of `tmp`."""
+    cases = {}
+    # 2: a folder made by one checkpoint, re-run with another.
+    made = tmp / "made_by_one"
+    test_script.main(generate_argv(checkpoint, folds, made, "--grids", 0))
+    cases["other-checkpoint"] = ("test.py", generate_argv(other, folds, made, "--grids", 0),
+                                 [str(checkpoint), str(other), "--overwrite", "--out-dir"], made)
+    # 4: output inside the inputs.
+    copy = tmp / "folds"
+    shutil.copytree(folds, copy)
+    cases["out-inside-data"] = ("test.py", generate_argv(checkpoint, copy, copy / "synthetic"),
+                                [str(copy), "--out-dir", "--data-dir"], copy)
+    # 6: a text file given as the checkpoint.
+    text = tmp / "notes.pt"
+    text.write_text("epoch,loss\n1,0.5\n")
+    cases["text-checkpoint"] = ("test.py", generate_argv(text, folds, tmp / "unused"),
+                                [str(text), "not a PyTorch checkpoint"], None)
+    if shared_data_available():
+        # 1: a CSV whose image_id climbs out of every folder.
+        data_dir, masks_dir = escape_tree(tmp / "escape")
+        csv_line = [f"{data_dir / 'test.csv'}, line 2", "'../../../escape.png'"]
+        # Unchecked, test.py would write tmp/escape.png and make_masks.py tmp/escape/escape.png.
+        cases["csv-escape-test.py"] = ("test.py", utp_argv(checkpoint, data_dir, masks_dir, tmp / "escape" / "out"),
+                                       csv_line, tmp)
+        seg = segmenter_checkpoint(tmp / "segmenter.pt")
+        cases["csv-escape-make_masks.py"] = ("make_masks.py", [
+            "--checkpoint", seg, "--data-dir", data_dir, "--out-dir", tmp / "escape" / "made_masks", "--splits",
+            "test", "--tile", "128", "--overlap", "32", "--device", "cpu", "--precision", "fp32", "--workers", "0"],
+            csv_line, tmp)
+    return cases
+
+
+CLI_CASES = ["other-checkpoint", "out-inside-data", "text-checkpoint", "csv-escape-test.py", "csv-escape-make_masks.py"]
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, test_script, trained_checkpoint, other_checkpoint, pannuke_folds, run_script):
+    tmp = tmp_path_factory.mktemp("cli")
+    cases = build_cli_cases(tmp, test_script, trained_checkpoint, other_checkpoint, pannuke_folds)
+    before = {case: files_under(c[3]) if c[3] else None for case, c in cases.items()}
+
+    def run(item):
+        case, (script, argv, _, _) = item
+        return case, run_script(script, *argv, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = dict(pool.map(run, cases.items()))
+    return {case: (cases[case], results[case], before[case]) for case in cases}
+
+
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_cli_refuses_with_one_line(cli_runs, case):
+    if case not in cli_runs:
+        pytest.skip("../shared/data (UniToPatho CSVs, H&E) absent")
+    (_, _, needles, folder), res, before = cli_runs[case]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    line = error_line(res.stderr)
+    print(line)
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    if folder is not None:
+        assert files_under(folder) == before, "the refused run wrote files"
+
+
+# --------------------------------------------------------------------------- 2. which checkpoint made a folder
+
+def record_of(out):
+    return json.loads(out.with_name(out.name + ".synthetic.json").read_text())
+
+
+def test_checkpoint_record_resume_refuse_and_overwrite(test_script, trained_checkpoint, other_checkpoint,
+                                                       pannuke_folds, tmp_path, capsys, one_thread):
+    out = tmp_path / "synthetic"
+    argv = generate_argv(trained_checkpoint, pannuke_folds, out, "--grids", 0)
+    test_script.main(argv)
+    record = record_of(out)
+    state = torch.load(trained_checkpoint, weights_only=True)
+    assert record["sha256"] == hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()
+    assert (record["epoch"], record["step"], record["overwriting"]) == (state["epoch"], state["step"], False)
+    assert not [p for p in out.iterdir() if p.suffix != ".png"], "the record must stay out of the tree"
+
+    # Same checkpoint: resume, leaving what exists alone.
+    names = sorted(p.name for p in out.glob("*.png"))
+    os.utime(out / names[0], ns=(1, 1))
+    (out / names[1]).unlink()
+    test_script.main(argv)
+    assert (out / names[0]).stat().st_mtime_ns == 1 and (out / names[1]).is_file()
+
+    # Another checkpoint: refused, naming the one that made the images.
+    other = generate_argv(other_checkpoint, pannuke_folds, out, "--grids", 0)
+    line = main_error(test_script.main, other, capsys)
+    assert str(trained_checkpoint) in line and "--overwrite" in line
+    assert (out / names[0]).stat().st_mtime_ns == 1
+
+    # --overwrite: everything regenerated and the record updated.
+    test_script.main(other + ["--overwrite"])
+    assert (out / names[0]).stat().st_mtime_ns != 1
+    assert record_of(out)["sha256"] == hashlib.sha256(other_checkpoint.read_bytes()).hexdigest()
+    assert record_of(out)["step"] == state["step"] + 1 and not record_of(out)["overwriting"]
+
+
+def test_unrecorded_or_half_overwritten_folder_is_refused(test_script, trained_checkpoint, pannuke_folds, tmp_path,
+                                                          capsys, one_thread):
+    out = tmp_path / "synthetic"
+    argv = generate_argv(trained_checkpoint, pannuke_folds, out, "--grids", 0)
+    test_script.main(argv)
+    record = out.with_name("synthetic.synthetic.json")
+    # An --overwrite run that stopped half-way: the folder may still hold older images.
+    record.write_text(json.dumps(dict(record_of(out), overwriting=True)))
+    assert "did not finish" in main_error(test_script.main, argv, capsys)
+    # Images from before this record existed: their checkpoint is unknown.
+    record.unlink()
+    assert "no record" in main_error(test_script.main, argv, capsys)
+    test_script.main(argv + ["--overwrite"])
+    assert not record_of(out)["overwriting"]
+
+
+# --------------------------------------------------------------------------- 3. grids beside the drop-in tree
+
+def test_pannuke_grids_go_beside_the_output(test_script, trained_checkpoint, pannuke_folds, tmp_path, one_thread):
+    out = tmp_path / "synthetic"
+    test_script.main(generate_argv(trained_checkpoint, pannuke_folds, out, "--grids", 1))
+    assert all(name.endswith(".png") and "/" not in name for name in files_under(out))
+    assert files_under(tmp_path / "synthetic.grids") == ["grid_0000.png"]
+    chosen = tmp_path / "my grids"
+    test_script.main(generate_argv(trained_checkpoint, pannuke_folds, tmp_path / "b", "--grids-dir", chosen))
+    assert files_under(chosen) == ["grid_0000.png"] and not (tmp_path / "b.grids").exists()
+
+
+@needs_utp
+def test_unitopatho_output_is_a_clean_drop_in_tree(test_script, utp_small, trained_checkpoint, tmp_path, one_thread):
+    from torchvision.datasets.folder import find_classes
+    data_dir, masks_dir = utp_small
+    out = tmp_path / "synthetic"
+    test_script.main(utp_argv(trained_checkpoint, data_dir, masks_dir, out, "--grids", 2))
+    # An ImageFolder-style loader sees exactly the real classes, and the CSV loader the real rows.
+    assert find_classes(str(out))[0] == find_classes(str(data_dir))[0] == CLASS_FOLDERS
+    assert files_under(out) == files_under(data_dir)
+    assert [p.relative_to(out) for p in UniToPatho(out, "test").paths] == \
+        [p.relative_to(data_dir) for p in UniToPatho(data_dir, "test").paths]
+    assert files_under(tmp_path / "synthetic.grids") == ["grid_0000.png", "grid_0001.png"]
+    assert (tmp_path / "synthetic.synthetic.json").is_file()
+
+
+# --------------------------------------------------------------------------- 4. outputs never go into the inputs
+
+@needs_utp
+@pytest.mark.parametrize("where", ["data", "masks", "masks-subfolder", "grids-in-data"])
+def test_outputs_inside_the_inputs_are_refused(test_script, utp_copy, trained_checkpoint, where, capsys):
+    data_dir, masks_dir = utp_copy
+    out = {"data": data_dir, "masks": masks_dir, "masks-subfolder": masks_dir / "test"}.get(where, data_dir.parent / "s")
+    extra = ["--grids-dir", data_dir / "grids"] if where == "grids-in-data" else []
+    before = files_under(data_dir.parent)
+    line = main_error(test_script.main, utp_argv(trained_checkpoint, data_dir, masks_dir, out, *extra), capsys)
+    assert "inside" in line and ("--grids-dir" if extra else "--out-dir") in line
+    assert files_under(data_dir.parent) == before
+
+
+# --------------------------------------------------------------------------- 5. file modes
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_write_honours_the_umask(tmp_path, umask, mode):
+    previous = os.umask(umask)
+    try:
+        utils.atomic_save_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == mode
+
+
+# --------------------------------------------------------------------------- 6. messages, damaged caches, missing keys
+
+def test_text_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is not a checkpoint\n")
+    with pytest.raises(UserError) as err:
+        utils.safe_torch_load(path)
+    assert str(path) in str(err.value) and "not a PyTorch checkpoint" in str(err.value)
+    assert "pop from empty list" not in str(err.value)
+
+
+def test_random_bytes_npy_is_named_as_not_an_npy_file(tmp_path):
+    path = tmp_path / "masks.npy"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    for mmap in (True, False):
+        with pytest.raises(UserError) as err:
+            load_npy(path, mmap=mmap)
+        assert str(path) in str(err.value) and "not a valid .npy array file" in str(err.value)
+        assert "pickle" not in str(err.value)
+
+
+@needs_utp
+def test_truncated_cache_file_is_rebuilt(utp_small, tmp_path):
+    data_dir, masks_dir = utp_small
+    split = UniToPatho(data_dir, "test")
+    image_path, mask_path = split.paths[0], masks_folder(masks_dir, "test") / split.names[0]
+    cache = DecodeCache(tmp_path / "cache")
+    cache.load(image_path, mask_path)
+    image_file = cache.files((image_path, mask_path), ("image", "labels"))[0]
+    data = image_file.read_bytes()
+    image_file.write_bytes(data[: len(data) // 2])
+    image, labels = cache.load(image_path, mask_path)
+    expected = decode_pair(image_path, mask_path)
+    assert np.array_equal(image, expected[0]) and np.array_equal(labels, expected[1])
+    assert image_file.read_bytes() == data  # derived again and written whole
+    assert np.array_equal(cache.load(image_path, mask_path)[0], expected[0])
+
+
+def test_checkpoint_missing_a_required_key_is_named(trained_checkpoint, tmp_path):
+    from gan import CHECKPOINT_KIND
+    state = torch.load(trained_checkpoint, weights_only=True)
+    del state["generator"]
+    path = tmp_path / "no_generator.pt"
+    torch.save(state, path)
+    assert "generator" not in utils.load_checkpoint_of_kind(path, CHECKPOINT_KIND)  # nothing required by default
+    with pytest.raises(UserError) as err:
+        utils.load_checkpoint_of_kind(path, CHECKPOINT_KIND, required=("model_config", "generator"))
+    assert str(path) in str(err.value) and "'generator'" in str(err.value) and "'model_config'" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- 7. full or read-only disks
+
+@pytest.mark.parametrize("code,message", [
+    (errno.ENOSPC, "no space left on device writing {path}"),
+    (errno.EACCES, "cannot write {path}: permission denied"),
+    (errno.EROFS, "cannot write {path}: read-only file system"),
+])
+def test_write_errors_are_one_line_and_keep_the_previous_file(tmp_path, monkeypatch, code, message):
+    path = tmp_path / "checkpoints" / "last.pt"
+    utils.atomic_save_torch({"epoch": 1}, path)
+    previous = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(utils.os, "fsync", failing_fsync)
+    with pytest.raises(UserError) as err:
+        utils.atomic_save_torch({"epoch": 2}, path)
+    assert str(err.value) == message.format(path=path)
+    assert path.read_bytes() == previous
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"], "temporary file left behind"
+
+
+def test_other_write_errors_still_raise(tmp_path, monkeypatch):
+    def failing_write(f):
+        raise OSError(errno.EIO, "I/O error")
+    with pytest.raises(OSError):
+        utils.atomic_write(tmp_path / "x", failing_write)
+
+
+# --------------------------------------------------------------------------- 8. wandb
+
+@pytest.fixture
+def loopback_only(monkeypatch):
+    """Tests must never reach the network: anything but loopback fails here."""
+    real = socket.create_connection
+
+    def guarded(address, *args, **kwargs):
+        assert address[0] in ("127.0.0.1", "localhost", "::1"), f"test tried to reach {address}"
+        return real(address, *args, **kwargs)
+    monkeypatch.setattr(socket, "create_connection", guarded)
+
+
+@pytest.fixture
+def wandb_key(monkeypatch, tmp_path, loopback_only):
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+
+
+def test_wandb_auto_falls_back_to_offline_when_unreachable(wandb_key, monkeypatch, capsys):
+    asked = []
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: asked.append((host, port)) or False)
+    assert utils.resolve_wandb_mode("auto") == "offline"
+    assert asked == [("api.wandb.ai", 443)]
+    notice = capsys.readouterr().err.strip()
+    assert "\n" not in notice and "api.wandb.ai:443" in notice and "offline" in notice
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example.org:8080")
+    assert utils.resolve_wandb_mode("auto") == "offline" and asked[-1] == ("wandb.example.org", 8080)
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: True)
+    assert utils.resolve_wandb_mode("auto") == "online"
+    assert utils.resolve_wandb_mode("disabled") == "disabled" and utils.resolve_wandb_mode("offline") == "offline"
+
+
+def test_wandb_online_without_key_or_network_is_one_line(wandb_key, monkeypatch, capsys):
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: False)
+    with pytest.raises(UserError) as err:
+        utils.resolve_wandb_mode("online")
+    assert "\n" not in str(err.value) and "api.wandb.ai:443" in str(err.value) and "--wandb offline" in str(err.value)
+    monkeypatch.delenv("WANDB_API_KEY")
+    asked = []
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: asked.append(host) or True)
+    with pytest.raises(UserError) as err:
+        utils.resolve_wandb_mode("online")
+    assert "\n" not in str(err.value) and "WANDB_API_KEY" in str(err.value)
+    assert utils.resolve_wandb_mode("auto") == "offline" and not asked, "no account: no network check"
+
+
+def test_wandb_reachability_check_on_loopback(loopback_only):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert utils.wandb_reachable("127.0.0.1", port, timeout=1)
+    assert not utils.wandb_reachable("127.0.0.1", port, timeout=1)  # closed: refused at once
+    assert not utils.wandb_reachable("", 443)

@@ -1,0 +1,138 @@
+"""A run is never lost or mixed silently: re-running a training command over an
+existing run is refused (train_pannuke.py, train_segmenter.py), impossible options
+fail in one line before any work, and SIGTERM is honoured at the next step."""
+import signal
+import time
+
+import pytest
+import torch
+
+CKPT = ("checkpoints", "last.pt")
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def error_line(capsys, call):
+    """Run `call` (an entry point's main) and return its one `error: ...` line (exit 2)."""
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def finished_run(tmp_path, pannuke_folds, train_in_process):
+    """A one-epoch run in tmp_path / 'run' (one step: fold 3's two Colon patches)."""
+    out = tmp_path / "run"
+    train_in_process(train_in_process.argv(pannuke_folds, out, train_folds=(3,), test_folds=(3,)))
+    return out
+
+
+def test_rerun_without_resume_is_refused_and_keeps_the_run(finished_run, pannuke_folds, train_in_process, capsys):
+    last = finished_run.joinpath(*CKPT)
+    before = last.read_bytes()
+    capsys.readouterr()
+    argv = train_in_process.argv(pannuke_folds, finished_run, epochs=2, train_folds=(3,), test_folds=(3,))
+    line = error_line(capsys, lambda: train_in_process(argv))
+    assert f"--resume {last}" in line and "--overwrite" in line
+    assert last.read_bytes() == before
+
+
+def test_overwrite_starts_afresh_without_old_samples(finished_run, pannuke_folds, train_in_process):
+    stale = finished_run / "samples" / "epoch_0099.png"
+    stale.write_bytes(b"from the old run")
+    argv = train_in_process.argv(pannuke_folds, finished_run, "--overwrite", train_folds=(3,), test_folds=(3,))
+    train_in_process(argv)
+    ckpt = load(finished_run.joinpath(*CKPT))
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
+    assert not stale.exists()
+    assert (finished_run / "samples" / "epoch_0001.png").is_file()
+
+
+def test_segmenter_rerun_without_resume_is_refused(tmp_path, pannuke_folds, capsys):
+    import train_segmenter
+    out = tmp_path / "seg"
+    argv = ["--data-dir", str(pannuke_folds), "--out-dir", str(out), "--train-folds", "3", "--test-folds", "3",
+            "--epochs", "1", "--batch-size", "2", "--width", "4", "--workers", "0", "--device", "cpu",
+            "--precision", "fp32"]
+    train_segmenter.main(argv)
+    last = out.joinpath(*CKPT)
+    before = last.read_bytes()
+    capsys.readouterr()
+    line = error_line(capsys, lambda: train_segmenter.main([*argv[:-6], "--epochs", "2", *argv[-6:]]))
+    assert f"--resume {last}" in line and "--overwrite" in line
+    assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "-1"], "--batch-size must be at least 1"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--beta1", "1.5"], "--beta1 and --beta2"),
+], ids=["batch-0", "batch-negative", "log-every-0", "lr-negative", "epochs-0", "beta1"])
+def test_impossible_options_fail_before_work(tmp_path, pannuke_folds, train_in_process, capsys, flags, needle):
+    out = tmp_path / "run"
+    line = error_line(capsys, lambda: train_in_process(train_in_process.argv(pannuke_folds, out, *flags)))
+    assert needle in line
+    assert not out.exists(), "nothing may be written for a run that cannot start"
+
+
+def test_resume_with_no_epochs_left_says_so(finished_run, pannuke_folds, train_in_process, capsys):
+    last = finished_run.joinpath(*CKPT)
+    capsys.readouterr()
+    argv = train_in_process.argv(pannuke_folds, finished_run, "--resume", last, train_folds=(3,), test_folds=(3,))
+    line = error_line(capsys, lambda: train_in_process(argv))
+    assert "already trained 1 epoch" in line and "done:" not in capsys.readouterr().out
+
+
+def test_out_dir_that_is_a_file_fails_at_start(tmp_path, pannuke_folds, train_in_process, capsys):
+    out = tmp_path / "a_file"
+    out.write_text("not a folder")
+    line = error_line(capsys, lambda: train_in_process(train_in_process.argv(pannuke_folds, out)))
+    assert str(out) in line and "is a file" in line
+
+
+def test_empty_training_split_is_an_error(tmp_path, capsys):
+    """A train.csv with its header and no rows used to "train" on 0 images."""
+    utp_fixtures = pytest.importorskip("utp_fixtures")
+    if not utp_fixtures.shared_data_available():
+        pytest.skip("../shared/data (UniToPatho CSVs, H&E) absent")
+    import train_utp
+    data_dir, masks_dir = utp_fixtures.make_utp_fixture(tmp_path / "utp", {"train": 1, "test": 1}, size=256,
+                                                        classes=("HP",))
+    csv = data_dir / "train.csv"
+    csv.write_text(csv.read_text().splitlines()[0] + "\n")
+    argv = ["--data-dir", str(data_dir), "--masks-dir", str(masks_dir), "--out-dir", str(tmp_path / "run"),
+            "--ngf", "8", "--ndf", "8", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--wandb", "disabled", "--epochs", "1"]
+    line = error_line(capsys, lambda: train_utp.main(argv))
+    assert "no training images" in line or "train.csv" in line
+
+
+def test_sigterm_is_honoured_at_the_next_step(tmp_path, pannuke_folds, run_script, train_in_process):
+    """With --log-every far beyond the epoch (12 steps), the stop still comes within a
+    step or two of the signal, not at the next log or epoch boundary."""
+    argv = train_in_process.argv(pannuke_folds, tmp_path, "--tissue", "all", "--save-every-steps", 1,
+                                 "--log-every", 1000, epochs=1000, batch_size=1, train_folds=(1, 2, 3))
+    proc = run_script.start("train_pannuke.py", *argv)
+    last = tmp_path.joinpath(*CKPT)
+    try:
+        deadline = time.monotonic() + 240
+        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen = load(last)["step"]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    stopped = load(last)
+    assert stopped["step"] - seen <= 2, (seen, stopped["step"])
+    assert stopped["batches_done"] > 0

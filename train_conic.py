@@ -1,0 +1,38 @@
+"""Train mask-to-H&E Pix2pix on CoNIC / Lizard (colon H&E at 20x, 6 nucleus types).
+
+    python train_conic.py --data-dir data/conic --out-dir runs/conic
+    python train_conic.py --data-dir ../shared/data/lizard_128 --label-set pannuke   # UniToPatho-ready
+    torchrun --nproc_per_node=8 train_conic_ddp.py --data-dir ...   # multi-GPU
+Patches are split into train and test by source image (no image on both sides),
+seeded by --seed, or taken from --split-file; the split used is written to
+OUT/split.csv. The U-Net's depth follows the patch size (7 downsamplings for 128 px
+tiles, 8 for 256), so 20x tiles train at their own scale.
+"""
+import os
+from pathlib import Path
+
+from config import settle_config, training_parser
+from dataset.conic import build_conic, write_split_file
+from gan import read_resume_checkpoint
+from runtime import main_process_log
+from train_utils import run_training
+from utils import run_main
+
+
+def build_datasets(cfg):
+    split = dict(seed=cfg.seed, test_fraction=cfg.test_fraction, split_file=cfg.split_file, label_set=cfg.label_set)
+    train_set = build_conic(cfg.data_dir, "train", augment=True, check_data=cfg.check_data, **split)
+    sample_set = build_conic(cfg.data_dir, "test", **split)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_split_file(Path(cfg.out_dir) / "split.csv", train_set.all_names, train_set.indices, sample_set.indices)
+    return train_set, sample_set
+
+
+@run_main
+def main(argv=None, require_distributed=False):
+    cfg, resume = settle_config(training_parser("CoNIC"), argv, read_resume_checkpoint, log=main_process_log)
+    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
+
+
+if __name__ == "__main__":
+    main()
