@@ -47,6 +47,7 @@ from runtime import (
     autocast_context,
     barrier,
     distributed,
+    init_wandb,
     load_model_state,
     loader_workers,
     make_loader,
@@ -91,6 +92,7 @@ def parser():
                    help="torchvision ResNet-18 ImageNet state dict to start from (default: random initialisation)")
     p.add_argument("--dist-timeout", type=float, default=config.DIST_TIMEOUT_MINUTES,
                    help="minutes a process waits for the others under torchrun before failing")
+    config.add_wandb_args(p.add_argument_group("logging"), project=config.WANDB_PROJECT + "-classifier")
     config.add_device_args(p)
     return p
 
@@ -282,6 +284,7 @@ def train(args, info, device):
               f"{len(real)} class-balanced draws per epoch, {total_steps} steps, {info.world_size} process(es) on "
               f"{device.type}, precision {precision}")
 
+    run = init_wandb(args) if info.is_main else None
     history = []
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
@@ -303,6 +306,8 @@ def train(args, info, device):
         history.append({"epoch": epoch + 1, "loss": (sums[0] / sums[1].clamp(min=1)).item()})
         if info.is_main:
             print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}")
+            if run is not None:
+                run.log({"epoch": epoch + 1, "train/loss": history[-1]["loss"]})
 
     test_items = ClassifierImages([test], args.image_size, augment=False, cache_dir=args.cache_dir)
     preds = predict(model, test_items, args, device, autocast, workers, info)
@@ -322,13 +327,16 @@ def train(args, info, device):
                   "precision": precision, "loss_history": history},
     }
     atomic_save_text(out_dir / "metrics.json", json.dumps(result, indent=2))
-    run = "real + synthetic" if synthetic else "real only"
+    which = "real + synthetic" if synthetic else "real only"
     save_confusion_plot(cm, classes, out_dir / "confusion_matrix.png",
-                        f"{args.target}, {run}: balanced accuracy {result['balanced_accuracy']:.3f}")
+                        f"{args.target}, {which}: balanced accuracy {result['balanced_accuracy']:.3f}")
     atomic_save_torch({"kind": CHECKPOINT_KIND, "version": 1, "model": unwrap(model).state_dict(),
                        "classes": list(classes), "config": vars(args)}, out_dir / "classifier.pt")
-    print(f"{run}: accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f} "
+    print(f"{which}: accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f} "
           f"on {len(test_items)} test images; wrote {out_dir / 'metrics.json'}")
+    if run is not None:
+        run.log({"test/accuracy": result["accuracy"], "test/balanced_accuracy": result["balanced_accuracy"]})
+        run.finish()
 
 
 @run_main

@@ -92,12 +92,21 @@ def add_device_args(p):
                         "(AVX512-BF16/AMX), fp16 with gradient scaling on older GPUs, fp32 otherwise")
     g.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="NHWC memory layout for convolutions; default: on with CUDA (tensor cores), off on CPU "
-                        "(measured 3-8%% slower there: weights are copied between layouts every step)")
+                        "(slower there, as bench.py --ablations measures: weights are copied between layouts every step)")
     g.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,
                    help="torch.compile the networks (falls back to eager if compilation fails)")
     g.add_argument("--workers", type=int, default=-1,
                    help="data-loader worker processes per process; -1 chooses from the core count")
     g.add_argument("--seed", type=int, default=SEED, help="seed for weights, data order and augmentation")
+
+
+def add_wandb_args(g, project=WANDB_PROJECT):
+    g.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+                   help="auto = online when WANDB_API_KEY or `wandb login` is configured and the server answers, "
+                        "else offline (a run under OUT/wandb, for `wandb sync` later)")
+    g.add_argument("--wandb-project", default=project)
+    g.add_argument("--wandb-entity", default=None)
+    g.add_argument("--run-name", default=None, help="wandb run name")
 
 
 def add_model_args(p):
@@ -147,6 +156,8 @@ def add_utp_training_data_args(p):
 
 def add_pannuke_training_data_args(p):
     g = add_pannuke_data_args(p, "folds for the sample grids (and test.py)")
+    g.add_argument("--check-data", action="store_true",
+                   help="check every patch's pixel and mask values at start-up (default: a sample of each fold)")
     g.add_argument("--demo", action="store_true",
                    help="build a small PanNuke-format dataset from the real H&E in demo_assets/ (no download) "
                         "under OUT/demo_data and train a small model on it: "
@@ -198,15 +209,10 @@ def add_conic_training_data_args(p):
                         "when read)")
 
 
-TRAINING_DATA_ARGS = {"PanNuke": (add_pannuke_training_data_args, "runs/pannuke"),
-                      "UniToPatho": (add_utp_training_data_args, "runs/unitopatho"),
-                      "CoNIC": (add_conic_training_data_args, "runs/conic")}
-
-
-def training_parser(dataset):
-    """Options shared by the GAN training scripts (and their _ddp twins); `dataset`
-    names the data options (a key of TRAINING_DATA_ARGS)."""
-    add_data_args, out_dir = TRAINING_DATA_ARGS[dataset]
+def training_parser(dataset, add_data_args, out_dir):
+    """Options shared by the GAN training scripts (and their _ddp twins): the data
+    options `add_data_args(parser)` adds, then networks, optimisation, outputs and
+    device. `dataset` names the data in --help; `out_dir` is the default run folder."""
     p = argparse.ArgumentParser(
         description=f"Train a mask-conditioned Pix2pix (U-Net generator + 70x70 PatchGAN) on {dataset}. "
                     "The same script runs on one device or under torchrun (see train_*_ddp.py).",
@@ -245,11 +251,7 @@ def training_parser(dataset):
     g.add_argument("--log-every", type=int, default=LOG_EVERY_STEPS,
                    help="steps between progress-bar/wandb loss updates (each one syncs the device)")
     g.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="rows in each epoch's sample grid")
-    g.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
-                   help="auto = online when WANDB_API_KEY or `wandb login` is configured, else offline")
-    g.add_argument("--wandb-project", default=WANDB_PROJECT)
-    g.add_argument("--wandb-entity", default=None)
-    g.add_argument("--run-name", default=None, help="wandb run name")
+    add_wandb_args(g)
     g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
                    help="minutes a process waits for the others under torchrun before failing")
     add_device_args(p)

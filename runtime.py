@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config import DIST_TIMEOUT_MINUTES
-from utils import UserError
+from utils import UserError, resolve_wandb_mode
 
 # --------------------------------------------------------------------------- devices and processes
 
@@ -88,7 +88,7 @@ def resolve_channels_last(flag, device):
 
 def cpu_has_fast_bf16():
     """bf16 autocast on CPU only pays with native bf16 instructions; elsewhere it is
-    emulated and far slower than fp32 (0.3 vs 156 GFLOP/s measured on an AVX2-only EPYC)."""
+    emulated and far slower than fp32 (bench.py prints both matmul peaks)."""
     cpu = torch.cpu
     return any(getattr(cpu, name, lambda: False)() for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
@@ -167,6 +167,23 @@ def prepare_run_dir(out_dir, resuming, overwrite):
             pass
     except OSError as exc:
         raise UserError(f"cannot write to --out-dir {out_dir}: {exc.strerror or exc}") from None
+
+
+# --------------------------------------------------------------------------- wandb
+
+def init_wandb(args, run_id=None):
+    """A wandb run in args.out_dir for the options `config.add_wandb_args` adds, or
+    None with --wandb disabled; `run_id` continues a resumed run's."""
+    mode = resolve_wandb_mode(args.wandb)
+    if mode == "disabled":
+        return None
+    import wandb
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.run_name, id=run_id,
+                     resume="allow" if run_id else None, dir=str(args.out_dir), mode=mode, config=vars(args))
+    later = " (upload later with `wandb sync`)" if mode == "offline" else ""
+    print(f"wandb: {mode} run {run.id} in {run.dir}{later}")
+    return run
 
 
 # --------------------------------------------------------------------------- data

@@ -11,7 +11,7 @@ tiles, 8 for 256), so 20x tiles train at their own scale.
 import os
 from pathlib import Path
 
-from config import settle_config, training_parser
+from config import add_conic_training_data_args, settle_config, training_parser
 from dataset.conic import build_conic, write_split_file
 from gan import read_resume_checkpoint
 from runtime import main_process_log
@@ -30,7 +30,8 @@ def build_datasets(cfg):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    cfg, resume = settle_config(training_parser("CoNIC"), argv, read_resume_checkpoint, log=main_process_log)
+    parser = training_parser("CoNIC", add_conic_training_data_args, "runs/conic")
+    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
     run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
 
 

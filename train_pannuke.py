@@ -6,7 +6,7 @@
 """
 import os
 
-from config import settle_config, training_parser
+from config import add_pannuke_training_data_args, settle_config, training_parser
 from dataset.pannuke import build_pannuke, fold_paths
 from demo import write_demo_folds
 from gan import read_resume_checkpoint
@@ -16,7 +16,8 @@ from utils import run_main
 
 
 def build_datasets(args):
-    train_set = build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train")
+    train_set = build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train",
+                              check_data=args.check_data)
     sample_set = build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test")
     return train_set, sample_set
 
@@ -37,7 +38,8 @@ def prepare_demo(data_dir):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    cfg, resume = settle_config(training_parser("PanNuke"), argv, read_resume_checkpoint, log=main_process_log)
+    parser = training_parser("PanNuke", add_pannuke_training_data_args, "runs/pannuke")
+    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
     if cfg.demo:
         prepare_demo(cfg.data_dir)
     run_training(cfg, resume, build_datasets, require_distributed=require_distributed)

@@ -39,6 +39,7 @@ from runtime import (
     autocast_context,
     barrier,
     distributed,
+    init_wandb,
     load_model_state,
     loader_workers,
     main_process_log,
@@ -98,6 +99,7 @@ def parser():
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue from OUT/checkpoints/last.pt")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out-dir that already holds a run, deleting its checkpoints")
+    config.add_wandb_args(g, project=config.WANDB_PROJECT + "-segmenter")
     config.add_device_args(p)
     return p
 
@@ -171,6 +173,7 @@ def train(args, resume, info, device, channels_last):
         if resume["world_size"] == info.world_size:
             set_rng_state(resume["rng"][info.rank])
         log(f"resumed from {args.resume}: epoch {start_epoch + 1}")
+    run = init_wandb(args, resume.get("wandb_run_id") if resume else None) if info.is_main else None
 
     model = maybe_compile(wrap_ddp(model, info, device), args.compile)
 
@@ -226,13 +229,18 @@ def train(args, resume, info, device, channels_last):
                 "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": unwrap(model).state_dict(),
                 "model_config": model_cfg, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch + 1, "history": history, "rng": rngs, "world_size": info.world_size,
-                "config": vars(args), "mpp": mpp}, ckpt_path)
+                "config": vars(args), "mpp": mpp, "wandb_run_id": run.id if run is not None else None}, ckpt_path)
             atomic_save_text(out_dir / "metrics.json", json.dumps(
                 {"classes": list(label_set.class_names), "test_patches": len(test_set), "history": history},
                 indent=1, allow_nan=False))
             log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, test ({len(test_set)} patches):\n"
                 + format_mask_table(scores))
+            if run is not None:
+                run.log({"epoch": epoch + 1, "lr": lr, "train/loss": train_loss, "test/dice_nuclei":
+                         scores["dice"]["Nuclei"], "test/mean_dice_types": scores["mean_dice_types"]})
         barrier()
+    if run is not None:
+        run.finish()
     log(f"done: {ckpt_path}")
 
 

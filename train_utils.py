@@ -4,7 +4,6 @@ train_utp.py and their _ddp twins.
 One loop runs the same on one device and under torchrun (runtime.distributed).
 Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
 """
-import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from runtime import (
     autocast_context,
     barrier,
     distributed,
+    init_wandb,
     load_model_state,
     loader_workers,
     make_loader,
@@ -45,7 +45,6 @@ from utils import (
     atomic_save_png,
     atomic_save_torch,
     get_rng_state,
-    resolve_wandb_mode,
     seed_everything,
     set_rng_state,
 )
@@ -108,20 +107,6 @@ def step_config_from_args(args, autocast):
     return StepConfig(l1_lambda=args.l1_lambda, real_label_range=tuple(args.real_label_range),
                       fake_label_range=tuple(args.fake_label_range), smooth_real=args.smooth_real,
                       smooth_fake=args.smooth_fake, autocast=autocast)
-
-
-# --------------------------------------------------------------------------- wandb
-
-def init_wandb(args, out_dir, run_id):
-    mode = resolve_wandb_mode(args.wandb)
-    if mode == "disabled":
-        return None
-    import wandb
-    os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.run_name, id=run_id,
-                     resume="allow" if run_id else None, dir=str(out_dir), mode=mode, config=vars(args))
-    print(f"wandb: {mode} run {run.id} in {run.dir}" + (" (upload later with `wandb sync`)" if mode == "offline" else ""))
-    return run
 
 
 # --------------------------------------------------------------------------- the loop
@@ -408,7 +393,7 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
         log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
             f"precision {precision}, batch {cfg.batch_size} x {info.world_size} = "
             f"{cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, {workers} loader worker(s)")
-        run = init_wandb(cfg, cfg.out_dir, progress.wandb_run_id) if info.is_main else None
+        run = init_wandb(cfg, progress.wandb_run_id) if info.is_main else None
         run_id = run.id if run is not None else progress.wandb_run_id
         step_cfg = step_config_from_args(cfg, autocast)
 

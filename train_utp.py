@@ -8,7 +8,7 @@ Each visit of an image trains on --crops-per-image crops of it (or the five of
 in turn. --cache-dir stores decoded pairs (about 13 MB each) so later epochs skip
 PNG decoding.
 """
-from config import settle_config, training_parser
+from config import add_utp_training_data_args, settle_config, training_parser
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoCentre, UniToPathoPairs
 from gan import read_resume_checkpoint
@@ -30,7 +30,8 @@ def build_datasets(args):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    cfg, resume = settle_config(training_parser("UniToPatho"), argv, read_resume_checkpoint, log=main_process_log)
+    parser = training_parser("UniToPatho", add_utp_training_data_args, "runs/unitopatho")
+    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
     run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
 
 

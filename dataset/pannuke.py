@@ -59,6 +59,35 @@ def open_fold(data_dir, k):
     return images, masks, types.astype(str)
 
 
+SAMPLE_ITEMS = 16  # patches per fold whose values are checked at start-up (all with check_data)
+
+
+def check_fold_values(images, masks, paths, indices):
+    """Pixel and mask values of the patches `indices`: finite, images in 0..255 (and
+    not scaled to 0..1, which would train on black), mask ids non-negative. The error
+    names the file and the first bad patch."""
+    brightest = 0.0
+    for i in indices:
+        image, mask = np.asarray(images[i]), np.asarray(masks[i])
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
+            raise UserError(f"{paths['images']}: patch {i} has pixel values outside 0..255 (NaN, infinite or out of "
+                            f"range); PanNuke images hold 0..255")
+        if not np.isfinite(mask).all() or mask.min() < 0:
+            raise UserError(f"{paths['masks']}: patch {i} has NaN, infinite or negative mask values; expected "
+                            f"instance ids >= 0 and a 0/1 background channel")
+        brightest = max(brightest, float(image.max()))
+    if len(indices) and brightest <= 1.0:
+        raise UserError(f"{paths['images']}: pixel values stay within 0..1 (at most {brightest:g} in the checked "
+                        f"patches); PanNuke images hold 0..255: multiply by 255 first")
+
+
+def sample_indices(keep, check_data):
+    """The patches to check: all with check_data, else up to SAMPLE_ITEMS evenly spaced."""
+    if check_data or len(keep) <= SAMPLE_ITEMS:
+        return keep
+    return keep[np.linspace(0, len(keep) - 1, SAMPLE_ITEMS).round().astype(int)]
+
+
 def select_tissue(types, tissue, where):
     if tissue.lower() == "all":
         return np.arange(len(types))
@@ -75,7 +104,7 @@ class PanNukeFolds(torch.utils.data.Dataset):
 
     label_set = PANNUKE
 
-    def __init__(self, data_dir, folds, tissue="Colon", augment=False):
+    def __init__(self, data_dir, folds, tissue="Colon", augment=False, check_data=False):
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"PanNuke data directory not found: {data_dir}")
@@ -83,6 +112,12 @@ class PanNukeFolds(torch.utils.data.Dataset):
         for k in folds:
             images, masks, types = open_fold(data_dir, k)
             keep = select_tissue(types, tissue, f"{data_dir}/Fold {k}")
+            paths = fold_paths(data_dir, k)
+            if self.folds and images.shape[1:3] != self.folds[0][0].shape[1:3]:
+                raise UserError(f"{paths['images']}: patches are {images.shape[2]} x {images.shape[1]} px, but fold "
+                                f"{folds[0]}'s are {self.folds[0][0].shape[2]} x {self.folds[0][0].shape[1]}; "
+                                f"all folds of a run must have one patch size")
+            check_fold_values(images, masks, paths, sample_indices(keep, check_data))
             self.index += [(len(self.folds), int(i)) for i in keep]
             self.names += [f"fold{k}_{int(i):05d}" for i in keep]
             self.folds.append((images, masks))
@@ -132,6 +167,9 @@ class PanNukeConverted(torch.utils.data.Dataset):
         if mask.ndim != 3 or mask.shape[2] != NUM_CLASSES or mask.shape[:2] != image.shape[:2]:
             raise UserError(f"{self.masks[index]}: expected shape {image.shape[:2] + (NUM_CLASSES,)} "
                             f"to match {self.images[index].name}, got {mask.shape}")
+        if not np.isfinite(mask).all() or mask.min() < 0:
+            raise UserError(f"{self.masks[index]}: NaN, infinite or negative mask values; expected instance ids "
+                            f">= 0 and a 0/1 background channel")
         labels = pannuke_to_labels(mask)
         if self.augment:
             image, labels = self.augment(image, labels, seed)
@@ -142,8 +180,8 @@ def is_converted_layout(data_dir):
     return (Path(data_dir) / "train" / "data").is_dir()
 
 
-def build_pannuke(data_dir, folds, tissue, augment, split):
+def build_pannuke(data_dir, folds, tissue, augment, split, check_data=False):
     """Official folds when present; the converted layout's `split` otherwise."""
     if is_converted_layout(data_dir) and not (Path(data_dir) / "Fold 1").exists():
         return PanNukeConverted(data_dir, split, augment=augment)
-    return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment)
+    return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment, check_data=check_data)

@@ -1,9 +1,11 @@
 """A run is never lost or mixed silently: re-running a training command over an
 existing run is refused (train_pannuke.py, train_segmenter.py), impossible options
-fail in one line before any work, and SIGTERM is honoured at the next step."""
+and bad data values fail in one line before any work, SIGTERM is honoured at the
+next step, and every training script logs to wandb the same way."""
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +138,84 @@ def test_sigterm_is_honoured_at_the_next_step(tmp_path, pannuke_folds, run_scrip
     stopped = load(last)
     assert stopped["step"] - seen <= 2, (seen, stopped["step"])
     assert stopped["batches_done"] > 0
+
+
+def test_segmenter_and_classifier_log_to_wandb_like_the_gan_scripts():
+    import classify_utp
+    import train_segmenter
+    from config import add_pannuke_training_data_args, training_parser
+
+    def wandb_flags(parser):
+        return {a.dest: (a.default, tuple(a.choices or ())) for a in parser._actions
+                if a.dest in ("wandb", "wandb_project", "wandb_entity", "run_name")}
+
+    gan = wandb_flags(training_parser("PanNuke", add_pannuke_training_data_args, "runs/pannuke"))
+    for script in (train_segmenter, classify_utp):
+        flags = wandb_flags(script.parser())
+        assert set(flags) == set(gan) and flags["wandb"] == gan["wandb"] == ("auto", ("auto", "online", "offline",
+                                                                                      "disabled"))
+
+
+def test_segmenter_writes_an_offline_wandb_run(tmp_path, pannuke_folds, run_script):
+    out = tmp_path / "seg"
+    res = run_script("train_segmenter.py", "--data-dir", pannuke_folds, "--out-dir", out, "--train-folds", 3,
+                     "--test-folds", 3, "--epochs", 1, "--batch-size", 2, "--width", 4, "--workers", 0,
+                     "--device", "cpu", "--precision", "fp32", "--wandb", "offline")
+    assert res.returncode == 0, res.stderr[-2000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+    assert load(out.joinpath(*CKPT))["wandb_run_id"] in runs[0].name
+
+
+def _fold_with(pannuke_writer, root, image_change=None, mask_change=None):
+    """Official fold 1 with two Colon patches, one value changed."""
+    image, mask, _ = pannuke_writer.patch(7)
+    images, masks = np.stack([image, image]).astype(np.float64), np.stack([mask, mask]).astype(np.float64)
+    if image_change:
+        image_change(images)
+    if mask_change:
+        mask_change(masks)
+    pannuke_writer.fold(root, 1, images, masks, np.array(["Colon", "Colon"]))
+    return pannuke_writer.files(root, 1)
+
+
+@pytest.mark.parametrize("case, image_change, mask_change, needle", [
+    ("nan-pixel", lambda a: a.__setitem__((1, 3, 4, 0), np.nan), None, "patch 1 has pixel values outside 0..255"),
+    ("above-255", lambda a: a.__setitem__((0, 0, 0, 1), 300.0), None, "patch 0 has pixel values outside 0..255"),
+    ("scaled-0-1", lambda a: a.__itruediv__(255.0), None, "within 0..1"),
+    ("nan-mask", None, lambda m: m.__setitem__((1, Ellipsis), np.nan), "patch 1 has NaN"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_pannuke_values_are_named(tmp_path, pannuke_writer, case, image_change, mask_change, needle):
+    from dataset.pannuke import PanNukeFolds
+    from utils import UserError
+    files = _fold_with(pannuke_writer, tmp_path / "data", image_change, mask_change)
+    with pytest.raises(UserError) as err:
+        PanNukeFolds(tmp_path / "data", [1], "Colon")
+    assert needle in str(err.value)
+    assert str(files.masks if mask_change else files.images) in str(err.value)
+
+
+def test_check_data_scans_every_patch(tmp_path, pannuke_writer):
+    """A bad patch the start-up sample skips is found with check_data."""
+    from dataset.pannuke import SAMPLE_ITEMS, PanNukeFolds
+    from utils import UserError
+    image, mask, _ = pannuke_writer.patch(3)
+    n = 4 * SAMPLE_ITEMS + 3
+    images = np.repeat(image[None].astype(np.float64), n, 0)
+    images[1, 0, 0, 0] = np.nan  # index 1 is not among the evenly spaced sample
+    pannuke_writer.fold(tmp_path, 1, images, np.repeat(mask[None].astype(np.float64), n, 0), np.array(["Colon"] * n))
+    PanNukeFolds(tmp_path, [1], "Colon")
+    with pytest.raises(UserError, match="patch 1 has pixel values"):
+        PanNukeFolds(tmp_path, [1], "Colon", check_data=True)
+
+
+def test_folds_of_different_patch_sizes_are_refused(tmp_path, pannuke_writer):
+    from dataset.pannuke import PanNukeFolds
+    from utils import UserError
+    image, mask, _ = pannuke_writer.patch(5)
+    pannuke_writer.fold(tmp_path, 1, image[None].astype(np.float64), mask[None].astype(np.float64), np.array(["Colon"]))
+    small = (image[: image.shape[0] // 2, : image.shape[1] // 2], mask[: mask.shape[0] // 2, : mask.shape[1] // 2])
+    pannuke_writer.fold(tmp_path, 2, small[0][None].astype(np.float64), small[1][None].astype(np.float64),
+                        np.array(["Colon"]))
+    with pytest.raises(UserError, match="one patch size"):
+        PanNukeFolds(tmp_path, [1, 2], "Colon")
