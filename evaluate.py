@@ -35,6 +35,7 @@ import base64
 import html
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def parser():
     p.add_argument("--batch-size", type=int, default=32, help="images per Inception forward pass")
     p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID is averaged over")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="images per KID subset (at most the set size)")
+    g = p.add_argument_group("realism without downloaded weights")
+    g.add_argument("--c2st-crops", type=int, default=4,
+                   help="random crops per image for the classifier two-sample test (0: skip it)")
+    g.add_argument("--c2st-size", type=int, default=64, help="side of those crops in pixels")
     g = p.add_argument_group("mask fidelity")
     config.add_segmentation_args(g, batch_flag="--tile-batch-size")
     g.add_argument("--mask-images", type=int, default=0, help="segment at most this many pairs per class (0: all)")
@@ -166,6 +171,64 @@ def features(net, paths, args, device, workers, desc):
 def distribution_scores(real, fake, args):
     kid_mean, kid_std = metrics.kid(real, fake, args.kid_subsets, args.kid_subset_size, args.seed)
     return {"images": len(real), "fid": metrics.fid(real, fake), "kid_mean": kid_mean, "kid_std": kid_std}
+
+
+def inception_or_none(path):
+    """The FID feature network, or (None, None) with a one-line note when no weights
+    were given and none can be found or downloaded: the other scores need none."""
+    try:
+        return metrics.load_feature_extractor(path)
+    except UserError as exc:
+        if path:  # a file the user named must work
+            raise
+        print(f"note: FID/KID skipped, no Inception weights ({str(exc).split(' (')[0]}); the weight-free "
+              f"scores and mask fidelity follow", file=sys.stderr)
+        return None, None
+
+
+def random_crops(paths, count, size, rng):
+    """`count` random `size`-px crops of each image, as uint8 (N, size, size, 3)."""
+    crops = []
+    for path in paths:
+        image = read_rgb(path)
+        if min(image.shape[:2]) < size:
+            raise UserError(f"{path} is smaller than --c2st-size {size}")
+        for _ in range(count):
+            y, x = (int(rng.integers(0, n - size + 1)) for n in image.shape[:2])
+            crops.append(image[y:y + size, x:x + size])
+    return np.stack(crops)
+
+
+def weight_free_realism(pairs, args, device):
+    """C2ST accuracy of real vs synthetic crops and, with --segmenter, the domain Fréchet
+    and kernel distances in its pooled encoder features; each next to its real-vs-real
+    floor (two disjoint halves of the real crops)."""
+    if not args.c2st_crops:
+        return None
+    rng = np.random.default_rng(args.seed)
+    real = random_crops([p.real for p in pairs], args.c2st_crops, args.c2st_size, rng)
+    fake = random_crops([p.fake for p in pairs], args.c2st_crops, args.c2st_size, rng)
+    half_a, half_b = metrics.real_vs_real_split(len(real), args.seed)
+    result = {"crops": len(real), "crop_size": args.c2st_size, "c2st": {
+        "synthetic": metrics.c2st(real, fake, seed=args.seed, device=device),
+        "real_vs_real": metrics.c2st(real[half_a], real[half_b], seed=args.seed, device=device)}}
+    if args.segmenter:
+        model, _ = load_pannuke_segmenter(args.segmenter, device, args.model_mpp)
+        feats = {name: segmenter_features(model, crops, device) for name, crops in (("real", real), ("fake", fake))}
+        distances = {}
+        for name, a, b in (("synthetic", feats["real"], feats["fake"]),
+                           ("real_vs_real", feats["real"][half_a], feats["real"][half_b])):
+            kd_mean, kd_std = metrics.kernel_distance(a, b, args.kid_subsets, args.kid_subset_size, args.seed)
+            distances[name] = {"frechet": metrics.frechet_distance(a, b), "kernel_mean": kd_mean, "kernel_std": kd_std}
+        result["domain"] = distances
+    return result
+
+
+@torch.no_grad()
+def segmenter_features(model, crops, device, batch_size=64):
+    images = torch.from_numpy(crops).permute(0, 3, 1, 2)
+    return torch.cat([model.pooled_features(images[i:i + batch_size].to(device).float().div(255)).cpu()
+                      for i in range(0, len(images), batch_size)]).double()
 
 
 # --------------------------------------------------------------------------- mask fidelity
@@ -279,15 +342,29 @@ def write_report(path, result, grids, loss_curves):
              f"<code>{esc(result['fake_dir'])}</code>: {result['pairs']} pairs (unmatched: "
              f"{result['unmatched']['real']} real, {result['unmatched']['fake']} synthetic).</p>"]
     extractor = result["feature_extractor"]
-    parts.append(f"<p>Features: {esc(extractor['network'])} ({esc(extractor['weights'])}). {esc(PREPROCESSING)}.</p>")
-    if not extractor["comparable_to_published_fid"]:
-        parts.append("<p class=warn>These features come from a randomly initialised network: the scores rank "
-                     "models on the same data but are not comparable to published FID/KID values.</p>")
-    groups = [("all", result["overall"])] + list(result["per_class"].items())
-    parts.append("<h2>FID and KID</h2>" + table(
-        ["class", "pairs", "FID", "KID (x1000)", "KID std (x1000)"],
-        [[g, s["images"], fmt(s["fid"], 2), fmt(None if s["kid_mean"] is None else 1000 * s["kid_mean"]),
-          fmt(None if s["kid_std"] is None else 1000 * s["kid_std"])] for g, s in groups]))
+    if extractor is None:
+        parts.append("<h2>FID and KID</h2><p class=warn>Skipped: no Inception weights were given or found.</p>")
+    else:
+        parts.append(f"<p>Features: {esc(extractor['network'])} ({esc(extractor['weights'])}). "
+                     f"{esc(PREPROCESSING)}.</p>")
+        if not extractor["comparable_to_published_fid"]:
+            parts.append("<p class=warn>These features come from a randomly initialised network: the scores rank "
+                         "models on the same data but are not comparable to published FID/KID values.</p>")
+        groups = [("all", result["overall"])] + list(result["per_class"].items())
+        parts.append("<h2>FID and KID</h2>" + table(
+            ["class", "pairs", "FID", "KID (x1000)", "KID std (x1000)"],
+            [[g, s["images"], fmt(s["fid"], 2), fmt(None if s["kid_mean"] is None else 1000 * s["kid_mean"]),
+              fmt(None if s["kid_std"] is None else 1000 * s["kid_std"])] for g, s in groups]))
+    free = result["weight_free"]
+    if free:
+        rows = [["C2ST accuracy (0.5 = indistinguishable)", fmt(free["c2st"]["synthetic"]["accuracy"]),
+                 fmt(free["c2st"]["real_vs_real"]["accuracy"])]]
+        for key, label in (("frechet", "domain Fréchet distance"), ("kernel_mean", "domain kernel distance")):
+            if "domain" in free:
+                rows.append([label, fmt(free["domain"]["synthetic"][key], 4), fmt(free["domain"]["real_vs_real"][key], 4)])
+        parts.append(f"<h2>Realism without downloaded weights</h2><p>{free['crops']} random "
+                     f"{free['crop_size']}-px crops a side; the domain distances use the segmenter's pooled encoder "
+                     f"features (not FID/KID).</p>" + table(["score", "real vs synthetic", "real vs real"], rows))
     fidelity = result["mask_fidelity"]
     if fidelity:
         parts.append("<h2>Mask fidelity</h2><p>The segmenter's maps of the synthetic images against the masks they "
@@ -333,31 +410,39 @@ def main(argv=None):
             raise UserError(f"--run-dir {args.run_dir} has no loss_curves.png (train_*.py writes it after each epoch)")
     masks_dir = Path(args.masks) if args.masks else None
     pairs, unmatched = match_pairs(Path(args.real), Path(args.fake), masks_dir)
-    net, extractor = metrics.load_feature_extractor(args.inception_weights)
+    net, extractor = inception_or_none(args.inception_weights)
     device = resolve_device(args.device)
     args.channels_last = resolve_channels_last(args.channels_last, device)
     workers = loader_workers(args.workers, device)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    real = features(net, [p.real for p in pairs], args, device, workers, "features (real)")
-    fake = features(net, [p.fake for p in pairs], args, device, workers, "features (synthetic)")
     groups = groups_of(pairs)
-    index = {g: [i for i, p in enumerate(pairs) if p.group == g] for g in groups}
+    overall, per_class = None, {}
+    if net is not None:
+        real = features(net, [p.real for p in pairs], args, device, workers, "features (real)")
+        fake = features(net, [p.fake for p in pairs], args, device, workers, "features (synthetic)")
+        index = {g: [i for i, p in enumerate(pairs) if p.group == g] for g in groups}
+        overall = distribution_scores(real, fake, args)
+        per_class = {g: distribution_scores(real[index[g]], fake[index[g]], args) for g in groups}
     result = {
         "real_dir": args.real, "fake_dir": args.fake, "masks_dir": args.masks, "segmenter": args.segmenter,
         "pairs": len(pairs), "unmatched": unmatched, "preprocessing": PREPROCESSING,
         "feature_extractor": extractor, "kid": {"subsets": args.kid_subsets, "subset_size": args.kid_subset_size},
-        "overall": distribution_scores(real, fake, args),
-        "per_class": {g: distribution_scores(real[index[g]], fake[index[g]], args) for g in groups},
+        "overall": overall, "per_class": per_class,
+        "weight_free": weight_free_realism(pairs, args, device),
         "mask_fidelity": mask_fidelity(pairs, args, device, workers) if args.segmenter else None,
         "loss_curves": str(loss_curves) if loss_curves else None,
     }
     atomic_save_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     grids = {g: class_grid([p for p in pairs if p.group == g], args) for g in (groups or [ALL])}
     write_report(out_dir / "report.html", result, {g: im for g, im in grids.items() if im is not None}, loss_curves)
-    print(f"FID {fmt(result['overall']['fid'], 2)}, KID {fmt(result['overall']['kid_mean'], 5)} over "
-          f"{len(pairs)} pairs; wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}")
+    scores = [f"FID {fmt(overall['fid'], 2)}, KID {fmt(overall['kid_mean'], 5)}"] if overall else []
+    c2st = result["weight_free"]["c2st"] if result["weight_free"] else None
+    if c2st:
+        scores.append(f"C2ST {fmt(c2st['synthetic']['accuracy'])} (real vs real {fmt(c2st['real_vs_real']['accuracy'])})")
+    print(f"{', '.join(scores) or 'no realism scores'} over {len(pairs)} pairs; wrote {out_dir / 'metrics.json'} "
+          f"and {out_dir / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -252,3 +252,30 @@ def test_bad_inputs_are_user_errors(folders, feature_file, tmp_path, capsys):
             evaluate.main(argv + common)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_evaluate_without_inception_weights_reports_the_rest(folders, tmp_path, monkeypatch, capsys):
+    """An offline cluster with no Inception weights still gets C2ST, the domain
+    distances and mask fidelity; FID/KID are skipped with a one-line note."""
+    def offline(target):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(metrics, "download_inception", offline)
+    monkeypatch.setattr(metrics, "inception_cache_dir", lambda: tmp_path / "empty_cache")
+    out = tmp_path / "E"
+    evaluate.main(["--real", str(folders / "R"), "--fake", str(folders / "S"), "--masks", str(folders / "M"),
+                   "--segmenter", str(folders / "segmenter.pt"), "--out-dir", str(out), "--source-mpp", "0.25",
+                   "--tile", "64", "--overlap", "16", "--kid-subsets", "5", "--workers", "0", "--precision", "fp32",
+                   "--c2st-crops", "4", "--c2st-size", "32"])
+    err = capsys.readouterr().err
+    assert err.count("note: FID/KID skipped") == 1
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["overall"] is None and result["feature_extractor"] is None
+    free = result["weight_free"]
+    assert free["crops"] == 6 * 4
+    for side in ("synthetic", "real_vs_real"):
+        assert 0 <= free["c2st"][side]["accuracy"] <= 1
+        assert free["domain"][side]["frechet"] >= 0
+    assert result["mask_fidelity"]["overall"]["images"] == 6
+    page = (out / "report.html").read_text()
+    assert "Skipped: no Inception weights" in page and "C2ST accuracy" in page and "Mask fidelity" in page
