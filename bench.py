@@ -43,17 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import gan
 import runtime as rt
 import train_utils as tu
-from config import (
-    BATCH_SIZE,
-    BETAS,
-    CROPS_PER_IMAGE,
-    FAKE_LABEL_RANGE,
-    L1_LAMBDA,
-    LEARNING_RATE,
-    NDF,
-    NGF,
-    REAL_LABEL_RANGE,
-)
+from config import (BATCH_SIZE, BETAS, CROPS_PER_IMAGE, FAKE_LABEL_RANGE, L1_LAMBDA, LEARNING_RATE, NDF, NGF,
+                    REAL_LABEL_RANGE)
 from dataset.masks import PALETTE
 from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho import UniToPatho

@@ -43,29 +43,10 @@ import config
 import metrics
 from dataset.common import split_item
 from dataset.unitopatho import CLASSES, UniToPatho, read_split
-from runtime import (
-    autocast_context,
-    barrier,
-    distributed,
-    init_wandb,
-    load_model_state,
-    loader_workers,
-    make_loader,
-    make_optimizer,
-    maybe_compile,
-    resolve_precision,
-    unwrap,
-    wrap_ddp,
-)
-from utils import (
-    ArrayCache,
-    UserError,
-    atomic_save_figure,
-    atomic_save_text,
-    atomic_save_torch,
-    run_main,
-    safe_torch_load,
-)
+from runtime import (autocast_context, barrier, distributed, init_wandb, load_model_state, loader_workers, make_loader,
+                     make_optimizer, maybe_compile, resolve_precision, unwrap, wrap_ddp)
+from utils import (ArrayCache, UserError, atomic_save_figure, atomic_save_text, atomic_save_torch, run_main,
+                   safe_torch_load)
 
 CHECKPOINT_KIND = "utp-classifier"
 

@@ -50,15 +50,8 @@ from dataset.common import read_rgb
 from dataset.masks import NUM_CLASSES, labels_to_rgb
 from dataset.unitopatho import missing_files_error
 from dataset.unitopatho_mask import read_mask
-from runtime import (
-    autocast_context,
-    loader_workers,
-    make_loader,
-    maybe_compile,
-    resolve_channels_last,
-    resolve_device,
-    resolve_precision,
-)
+from runtime import (autocast_context, loader_workers, make_loader, maybe_compile, resolve_channels_last,
+                     resolve_device, resolve_precision)
 from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
 from utils import UserError, atomic_save_text, run_main
 

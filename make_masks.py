@@ -33,15 +33,8 @@ from dataset.common import read_rgb
 from dataset.masks import labels_to_rgb
 from dataset.unitopatho import SPLITS, UniToPatho
 from dataset.unitopatho_mask import masks_folder
-from runtime import (
-    autocast_context,
-    barrier,
-    distributed,
-    loader_workers,
-    make_loader,
-    maybe_compile,
-    resolve_precision,
-)
+from runtime import (autocast_context, barrier, distributed, loader_workers, make_loader, maybe_compile,
+                     resolve_precision)
 from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
 from utils import atomic_save_png, inside, run_main
 

@@ -11,11 +11,9 @@ tiles, 8 for 256), so 20x tiles train at their own scale.
 import os
 from pathlib import Path
 
-from config import add_conic_training_data_args, settle_config, training_parser
+from config import add_conic_training_data_args
 from dataset.conic import build_conic, write_split_file
-from gan import read_resume_checkpoint
-from runtime import main_process_log
-from train_utils import run_training
+from train_utils import train_main
 from utils import run_main
 
 
@@ -30,9 +28,7 @@ def build_datasets(cfg):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    parser = training_parser("CoNIC", add_conic_training_data_args, "runs/conic")
-    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
-    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
+    train_main("CoNIC", add_conic_training_data_args, "runs/conic", build_datasets, argv, require_distributed)
 
 
 if __name__ == "__main__":

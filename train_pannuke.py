@@ -6,16 +6,16 @@
 """
 import os
 
-from config import add_pannuke_training_data_args, settle_config, training_parser
+from config import add_pannuke_training_data_args
 from dataset.pannuke import build_pannuke, fold_paths
 from demo import write_demo_folds
-from gan import read_resume_checkpoint
-from runtime import main_process_log
-from train_utils import run_training
+from train_utils import train_main
 from utils import run_main
 
 
 def build_datasets(args):
+    if args.demo:
+        prepare_demo(args.data_dir)
     train_set = build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train",
                               check_data=args.check_data)
     sample_set = build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test")
@@ -38,11 +38,7 @@ def prepare_demo(data_dir):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    parser = training_parser("PanNuke", add_pannuke_training_data_args, "runs/pannuke")
-    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
-    if cfg.demo:
-        prepare_demo(cfg.data_dir)
-    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
+    train_main("PanNuke", add_pannuke_training_data_args, "runs/pannuke", build_datasets, argv, require_distributed)
 
 
 if __name__ == "__main__":

@@ -34,42 +34,13 @@ import config
 from dataset.conic import build_conic
 from dataset.pannuke import build_pannuke
 from metrics import confusion_matrix, format_mask_table, mask_scores
-from runtime import (
-    SeededSampler,
-    autocast_context,
-    barrier,
-    distributed,
-    init_wandb,
-    load_model_state,
-    loader_workers,
-    main_process_log,
-    make_loader,
-    make_optimizer,
-    maybe_compile,
-    prepare_run_dir,
-    resolve_precision,
-    unwrap,
-    wrap_ddp,
-)
-from segmenter import (
-    CHECKPOINT_KIND,
-    CHECKPOINT_VERSION,
-    ENCODERS,
-    RESUME_KEYS,
-    build_segmenter,
-    load_encoder_weights,
-    read_segmenter_checkpoint,
-    segmentation_loss,
-)
-from utils import (
-    UserError,
-    atomic_save_text,
-    atomic_save_torch,
-    get_rng_state,
-    run_main,
-    seed_everything,
-    set_rng_state,
-)
+from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
+                     loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
+                     resolve_precision, unwrap, wrap_ddp)
+from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, RESUME_KEYS, build_segmenter,
+                       load_encoder_weights, read_segmenter_checkpoint, segmentation_loss)
+from utils import (UserError, atomic_save_text, atomic_save_torch, get_rng_state, run_main, seed_everything,
+                   set_rng_state)
 
 
 def parser():

@@ -13,41 +13,14 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from config import check_epochs_left, check_training_config
+from config import check_epochs_left, check_training_config, settle_config, training_parser
 from figures import save_loss_plot, triplet_grid
-from gan import (
-    CHECKPOINT_KIND,
-    CHECKPOINT_VERSION,
-    build_discriminator,
-    build_generator,
-    generate,
-    model_config,
-    prepare_batch,
-)
-from runtime import (
-    SeededSampler,
-    autocast_context,
-    barrier,
-    distributed,
-    init_wandb,
-    load_model_state,
-    loader_workers,
-    make_loader,
-    make_optimizer,
-    maybe_compile,
-    prepare_run_dir,
-    resolve_precision,
-    unwrap,
-    wrap_ddp,
-)
-from utils import (
-    UserError,
-    atomic_save_png,
-    atomic_save_torch,
-    get_rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, generate, model_config,
+                 prepare_batch, read_resume_checkpoint)
+from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
+                     loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
+                     resolve_precision, unwrap, wrap_ddp)
+from utils import UserError, atomic_save_png, atomic_save_torch, get_rng_state, seed_everything, set_rng_state
 
 LOSS_NAMES = ("loss_d", "loss_g_adv", "loss_l1")
 
@@ -410,3 +383,11 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
         if run is not None:
             run.finish()
         log(f"done: {ckpt_dir / 'last.pt'}")
+
+
+def train_main(dataset, add_data_args, out_dir, build_datasets, argv=None, require_distributed=False):
+    """What each GAN entry point runs: settle the run's options (config.settle_config),
+    then train. `add_data_args` and `build_datasets(cfg)` are the dataset's."""
+    parser = training_parser(dataset, add_data_args, out_dir)
+    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
+    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)

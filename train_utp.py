@@ -8,13 +8,11 @@ Each visit of an image trains on --crops-per-image crops of it (or the five of
 in turn. --cache-dir stores decoded pairs (about 13 MB each) so later epochs skip
 PNG decoding.
 """
-from config import add_utp_training_data_args, settle_config, training_parser
+from config import add_utp_training_data_args
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoCentre, UniToPathoPairs
-from gan import read_resume_checkpoint
 from generator_model import SIZE_MULTIPLE
-from runtime import main_process_log
-from train_utils import run_training
+from train_utils import train_main
 from utils import run_main
 
 
@@ -30,9 +28,7 @@ def build_datasets(args):
 
 @run_main
 def main(argv=None, require_distributed=False):
-    parser = training_parser("UniToPatho", add_utp_training_data_args, "runs/unitopatho")
-    cfg, resume = settle_config(parser, argv, read_resume_checkpoint, log=main_process_log)
-    run_training(cfg, resume, build_datasets, require_distributed=require_distributed)
+    train_main("UniToPatho", add_utp_training_data_args, "runs/unitopatho", build_datasets, argv, require_distributed)
 
 
 if __name__ == "__main__":

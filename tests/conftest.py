@@ -12,10 +12,12 @@ format bug in the project cannot hide behind a matching bug in the fixtures:
 Nothing here is autouse; every fixture is opt-in and named for what it holds.
 """
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,3 +262,77 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_test_script():
+    """test.py as a module, by path: `import test` could find the standard library's package."""
+    spec = importlib.util.spec_from_file_location("he_test_script", REPO / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def test_script():
+    return load_test_script()
+
+
+def wait_for(predicate, proc, timeout, what):
+    """predicate()'s first truthy value within `timeout` s; fails if `proc` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"run exited ({proc.returncode}) before {what}:\n{out}\n{err}")
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def sigterm_when(proc, predicate, what, timeout=240):
+    """Send SIGTERM once predicate() holds; returns (its value, stdout, stderr)."""
+    try:
+        value = wait_for(predicate, proc, timeout, what)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return value, out, err
+
+
+def dihedral(a):
+    """The 8 symmetries of the square applied to the last two axes."""
+    out = []
+    for flip in (False, True):
+        b = np.flip(a, -1) if flip else a
+        out += [np.rot90(b, k, axes=(-2, -1)).copy() for k in range(4)]
+    return out
+
+
+def assert_augmentation_keeps_alignment(plain, aug, index, colours, size):
+    """Items of a dataset whose image colour encodes the class: with seeds, `aug[index]`
+    is one of the 8 symmetries of the plain item, image and labels moved together,
+    the same for the same seed and different across seeds."""
+    labels0, image0 = plain[index]
+    assert torch.equal(image0, colours[labels0.long()].permute(2, 0, 1))
+    symmetries = dihedral(labels0.numpy())
+    seen = set()
+    for seed in range(12):
+        labels, image = aug[(index, seed)]
+        assert labels.dtype == torch.uint8 and image.dtype == torch.uint8
+        assert labels.shape == (size, size) and image.shape == (3, size, size)
+        # The augmented image still encodes the augmented labels, pixel for pixel.
+        assert torch.equal(image, colours[labels.long()].permute(2, 0, 1)), f"misaligned for seed {seed}"
+        # ... and the labels are a symmetry of the square of the original ones.
+        matches = [j for j, s in enumerate(symmetries) if np.array_equal(labels.numpy(), s)]
+        assert matches, f"seed {seed}: not a flip/rotation of the original mask"
+        seen.add(matches[0])
+        # Same seed, same result.
+        again = aug[(index, seed)]
+        assert torch.equal(again[0], labels) and torch.equal(again[1], image)
+    assert len(seen) >= 3 and seen != {0}, "different seeds should give different flips/rotations"
+    return labels0

@@ -1,25 +1,17 @@
 """CoNIC release layout: loading, items, source-image splits, split files, augmentation,
 the PanNuke mapping, and one-line errors for malformed data (dataset/conic.py)."""
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA, assert_augmentation_keeps_alignment
+from conic_fixtures import CLASS_COLOURS, NAMES, SOURCES, conic_patch, make_conic, write_conic
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for path in (REPO, HERE):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+from dataset.conic import CoNIC, build_conic, open_conic, patch_source, read_split_file, split_by_source, write_split_file
+from dataset.masks import CONIC, CONIC_TO_PANNUKE, PANNUKE
+from utils import UserError
 
-from conic_fixtures import CLASS_COLOURS, NAMES, SOURCES, conic_patch, make_conic, write_conic  # noqa: E402
-
-from dataset.conic import CoNIC, build_conic, open_conic, patch_source, read_split_file, split_by_source, write_split_file  # noqa: E402
-from dataset.masks import CONIC, CONIC_TO_PANNUKE, PANNUKE  # noqa: E402
-from utils import UserError  # noqa: E402
-
-LIZARD = REPO.parent / "shared" / "data" / "lizard_128"
+LIZARD = SHARED_DATA / "lizard_128"
 
 
 @pytest.fixture(scope="module")
@@ -117,34 +109,12 @@ def test_unknown_label_set(conic):
 
 # --------------------------------------------------------------------------- augmentation
 
-def _dihedral(a):
-    out = []
-    for flip in (False, True):
-        b = np.flip(a, -1) if flip else a
-        out += [np.rot90(b, k, axes=(-2, -1)).copy() for k in range(4)]
-    return out
-
-
 def test_augmentation_moves_image_and_labels_together(tmp_path):
     root, _, _ = make_conic(tmp_path, names=["a-0", "b-0"], size=32, n_nuclei=10, noise=0)
     colours = torch.from_numpy(CLASS_COLOURS)
     plain, aug = CoNIC(root), CoNIC(root, augment=True)
     for index in range(2):
-        labels0, image0 = plain[index]
-        assert torch.equal(image0, colours[labels0.long()].permute(2, 0, 1))
-        symmetries = _dihedral(labels0.numpy())
-        seen = set()
-        for seed in range(12):
-            labels, image = aug[(index, seed)]
-            assert labels.dtype == torch.uint8 and image.dtype == torch.uint8
-            assert labels.shape == (32, 32) and image.shape == (3, 32, 32)
-            assert torch.equal(image, colours[labels.long()].permute(2, 0, 1)), f"misaligned for seed {seed}"
-            matches = [j for j, s in enumerate(symmetries) if np.array_equal(labels.numpy(), s)]
-            assert matches, f"seed {seed}: not a flip/rotation of the original labels"
-            seen.add(matches[0])
-            again = aug[(index, seed)]
-            assert torch.equal(again[0], labels) and torch.equal(again[1], image)
-        assert len(seen) >= 3 and seen != {0}
+        labels0 = assert_augmentation_keeps_alignment(plain, aug, index, colours, 32)
         assert torch.equal(aug[index][0], labels0)   # no seed, no augmentation
         assert np.array_equal(aug.instances(index), plain.instances(index))   # never augmented
 

@@ -2,11 +2,10 @@
 the label set and the U-Net depth travel in the checkpoint (save -> resume ->
 test.py), a checkpoint of another label set is refused, 128-px tiles get the
 7-level U-Net and still generate at 1812 px, and real Lizard tiles train."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from conic_fixtures import make_conic
 
 from dataset.conic import CoNIC, open_conic
@@ -16,7 +15,7 @@ from runtime import make_optimizer
 from tiling import generate_tiled
 from train_utils import StepConfig, gan_train_step
 
-LIZARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "lizard_128"
+LIZARD = SHARED_DATA / "lizard_128"
 CKPT = ("checkpoints", "last.pt")
 
 

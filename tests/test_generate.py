@@ -1,5 +1,4 @@
 """test.py on PanNuke: one PNG per test sample, grids, skip/overwrite, --norm-mode."""
-import importlib.util
 import os
 from pathlib import Path
 
@@ -8,15 +7,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def test_script():
-    """test.py as a module (the name `test` would clash with the standard library's package)."""
-    spec = importlib.util.spec_from_file_location("pix2pix_test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture

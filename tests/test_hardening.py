@@ -9,12 +9,10 @@ H&E) and PanNuke folds from conftest, in the releases' exact formats. The CLI co
 (one `error:` line, exit 2, no traceback) is checked on real subprocesses."""
 import errno
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
 import socket
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,35 +20,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from utp_fixtures import make_utp_fixture, shared_data_available
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for path in (REPO, HERE):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from utp_fixtures import make_utp_fixture, shared_data_available  # noqa: E402
-
-import utils  # noqa: E402
-from dataset.common import load_npy  # noqa: E402
-from dataset.unitopatho import UniToPatho  # noqa: E402
-from dataset.unitopatho_mask import DecodeCache, decode_pair, masks_folder  # noqa: E402
-from utils import UserError  # noqa: E402
+import utils
+from dataset.common import load_npy
+from dataset.unitopatho import UniToPatho
+from dataset.unitopatho_mask import DecodeCache, decode_pair, masks_folder
+from utils import UserError
 
 needs_utp = pytest.mark.skipif(not shared_data_available(), reason="../shared/data (UniToPatho CSVs, H&E) absent")
 CLASS_FOLDERS = ["HP", "TVA.LG"]
 
 
 # --------------------------------------------------------------------------- fixtures and helpers
-
-@pytest.fixture(scope="module")
-def test_script():
-    # By path: `import test` could find the standard library's test package.
-    spec = importlib.util.spec_from_file_location("hardening_test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
 def utp_small(tmp_path_factory):

@@ -3,16 +3,10 @@ converted layout, the real three-patch fixture), including joint augmentation.""
 import numpy as np
 import pytest
 import torch
+from conftest import assert_augmentation_keeps_alignment
 
-from dataset.masks import (
-    BACKGROUND,
-    NUM_CLASSES,
-    PALETTE,
-    labels_to_onehot,
-    labels_to_rgb,
-    pannuke_to_labels,
-    rgb_to_labels,
-)
+from dataset.masks import (BACKGROUND, NUM_CLASSES, PALETTE, labels_to_onehot, labels_to_rgb, pannuke_to_labels,
+                           rgb_to_labels)
 from dataset.pannuke import PanNukeConverted, PanNukeFolds, build_pannuke
 
 # --------------------------------------------------------------------------- masks
@@ -219,16 +213,6 @@ def test_converted_layout_loads(pannuke_converted):
 
 # --------------------------------------------------------------------------- augmentation
 
-def _dihedral(a):
-    """The 8 symmetries of the square applied to the last two axes."""
-    out = []
-    for flip in (False, True):
-        b = np.flip(a, -1) if flip else a
-        for k in range(4):
-            out.append(np.rot90(b, k, axes=(-2, -1)))
-    return out
-
-
 @pytest.fixture
 def colour_coded_folds(tmp_path, pannuke_writer, pannuke_folds_info):
     """A fold whose image colour is an exact, noise-free function of the class map."""
@@ -246,24 +230,6 @@ def test_augmentation_keeps_image_and_mask_aligned(colour_coded_folds, pannuke_f
     plain = PanNukeFolds(colour_coded_folds, [1])
     aug = PanNukeFolds(colour_coded_folds, [1], augment=True)
     for index in range(len(aug)):
-        labels0, image0 = plain[index]
-        assert torch.equal(image0, colours[labels0.long()].permute(2, 0, 1))
-        symmetries = [s.copy() for s in _dihedral(labels0.numpy())]
-        seen = set()
-        for seed in range(12):
-            labels, image = aug[(index, seed)]
-            assert labels.dtype == torch.uint8 and image.dtype == torch.uint8
-            assert labels.shape == (256, 256) and image.shape == (3, 256, 256)
-            # The augmented image still encodes the augmented labels, pixel for pixel.
-            assert torch.equal(image, colours[labels.long()].permute(2, 0, 1)), f"misaligned for seed {seed}"
-            # ... and the labels are a symmetry of the square of the original ones.
-            matches = [j for j, s in enumerate(symmetries) if np.array_equal(labels.numpy(), s)]
-            assert matches, f"seed {seed}: not a flip/rotation of the original mask"
-            seen.add(matches[0])
-            # Same seed, same result.
-            again = aug[(index, seed)]
-            assert torch.equal(again[0], labels) and torch.equal(again[1], image)
-        assert len(seen) >= 3, "different seeds should give different flips/rotations"
-        assert seen != {0}
+        labels0 = assert_augmentation_keeps_alignment(plain, aug, index, colours, 256)
         # A plain index (no seed) is not augmented.
         assert torch.equal(aug[index][0], labels0)

@@ -2,12 +2,11 @@
 existing run is refused (train_pannuke.py, train_segmenter.py), impossible options
 and bad data values fail in one line before any work, SIGTERM is honoured at the
 next step, and every training script logs to wandb the same way."""
-import signal
-import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigterm_when
 
 CKPT = ("checkpoints", "last.pt")
 
@@ -124,16 +123,7 @@ def test_sigterm_is_honoured_at_the_next_step(tmp_path, pannuke_folds, run_scrip
                                  "--log-every", 1000, epochs=1000, batch_size=1, train_folds=(1, 2, 3))
     proc = run_script.start("train_pannuke.py", *argv)
     last = tmp_path.joinpath(*CKPT)
-    try:
-        deadline = time.monotonic() + 240
-        while not last.is_file() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        seen = load(last)["step"]
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    seen, _, err = sigterm_when(proc, lambda: last.is_file() and load(last)["step"], "the first checkpoint")
     assert proc.returncode == 143, err
     stopped = load(last)
     assert stopped["step"] - seen <= 2, (seen, stopped["step"])

@@ -20,18 +20,8 @@ from dataset.masks import BACKGROUND, CLASS_NAMES, NUM_CLASSES, PALETTE, rgb_to_
 from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho_mask import read_mask
 from metrics import confusion_matrix, dice_iou, mask_scores
-from segmenter import (
-    CHECKPOINT_KIND,
-    Segmenter,
-    StainNormalizer,
-    load_encoder_weights,
-    load_segmenter,
-    optical_density,
-    predict_probs,
-    read_segmenter_checkpoint,
-    segment_image,
-    segmentation_loss,
-)
+from segmenter import (CHECKPOINT_KIND, Segmenter, StainNormalizer, load_encoder_weights, load_segmenter,
+                       optical_density, predict_probs, read_segmenter_checkpoint, segment_image, segmentation_loss)
 from utils import UserError, atomic_save_torch
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,12 +3,12 @@ epoch, after SIGKILL mid-epoch, after SIGTERM) equals not stopping, wandb offlin
 the --demo, and --help."""
 import contextlib
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import sigterm_when, wait_for
 
 import utils
 from dataset.pannuke import PanNukeFolds
@@ -195,20 +195,6 @@ def test_resume_takes_the_run_options_the_command_line_leaves_out(tmp_path, pann
     assert again["config"]["ngf"] == 8
 
 
-def _wait_for(predicate, proc, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            pytest.fail(f"run exited ({proc.returncode}) before {what}:\n{out}\n{err}")
-        time.sleep(0.01)
-    proc.kill()
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def _mid_epoch_checkpoint(path):
     if not path.is_file():
         return None
@@ -221,7 +207,7 @@ def test_resume_after_sigkill_mid_epoch_equals_uninterrupted(tmp_path, pannuke_f
     argv = train_in_process.argv(pannuke_folds, tmp_path, "--save-every-steps", 1, **RESUME_RUN)
     proc = run_script.start("train_pannuke.py", *argv)
     try:
-        seen = _wait_for(lambda: _mid_epoch_checkpoint(tmp_path / CKPT), proc, 240, "a mid-epoch checkpoint")
+        seen = wait_for(lambda: _mid_epoch_checkpoint(tmp_path / CKPT), proc, 240, "a mid-epoch checkpoint")
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
@@ -245,13 +231,7 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path, pannuke_folds, run_script
     argv = train_in_process.argv(pannuke_folds, tmp_path, "--save-every-steps", 1, epochs=1000,
                                  batch_size=batch_size, train_folds=(3,), test_folds=(3,))
     proc = run_script.start("train_pannuke.py", *argv)
-    try:
-        _wait_for(lambda: (tmp_path / CKPT).is_file(), proc, 240, "the first checkpoint")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    _, out, err = sigterm_when(proc, lambda: (tmp_path / CKPT).is_file(), "the first checkpoint")
     assert proc.returncode == 143, err
     assert "Traceback" not in err
     assert "stopped by signal" in out + err and str(tmp_path / CKPT) in out + err

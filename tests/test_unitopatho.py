@@ -1,35 +1,27 @@
 """UniToPatho: split reading, image/mask pairs, crops, the decode cache, training and
 native-size generation, on a fixture built from the real split metadata (real file
 names with spaces, parentheses and commas) with real H&E pixels."""
-import importlib.util
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, load_test_script
 from PIL import Image
+from utp_fixtures import UTP_META, make_utp_fixture, shared_data_available
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-for path in (REPO, HERE):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from utp_fixtures import UTP_META, make_utp_fixture, shared_data_available  # noqa: E402
-
-from bench import loader_throughput  # noqa: E402
-from dataset.masks import PALETTE, labels_to_rgb  # noqa: E402
-from dataset.unitopatho import CLASSES, UniToPatho  # noqa: E402
-from dataset.unitopatho_mask import DecodeCache, UniToPathoCentre, UniToPathoPairs, read_mask  # noqa: E402
-from gan import load_generator  # noqa: E402
-from runtime import autocast_context  # noqa: E402
-from tiling import generate_tiled, generate_whole  # noqa: E402
-from utils import UserError  # noqa: E402
+from bench import loader_throughput
+from dataset.masks import PALETTE, labels_to_rgb
+from dataset.unitopatho import CLASSES, UniToPatho
+from dataset.unitopatho_mask import DecodeCache, UniToPathoCentre, UniToPathoPairs, read_mask
+from gan import load_generator
+from runtime import autocast_context
+from tiling import generate_tiled, generate_whole
+from utils import UserError
 
 pytestmark = pytest.mark.skipif(not shared_data_available(), reason="../shared/data (UniToPatho CSVs, H&E) absent")
 
@@ -73,14 +65,6 @@ def trained(utp, tmp_path_factory):
     proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=script_env(), capture_output=True, text=True,
                           timeout=600)
     return proc, out
-
-
-def load_test_script():
-    # By path: `import test` could find the standard library's test package.
-    spec = importlib.util.spec_from_file_location("he_test_script", REPO / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --------------------------------------------------------------------------- the split
