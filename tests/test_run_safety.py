@@ -209,3 +209,15 @@ def test_folds_of_different_patch_sizes_are_refused(tmp_path, pannuke_writer):
                         np.array(["Colon"]))
     with pytest.raises(UserError, match="one patch size"):
         PanNukeFolds(tmp_path, [1, 2], "Colon")
+
+
+def test_patches_the_unet_cannot_take_are_one_line(tmp_path, pannuke_writer, train_in_process, capsys):
+    """100 x 100 px PanNuke patches used to end in a deep traceback inside the U-Net."""
+    image, mask, _ = pannuke_writer.patch(9)
+    crop = (slice(0, 100), slice(0, 100))
+    for k in (1, 2):
+        pannuke_writer.fold(tmp_path / "data", k, np.stack([image[crop]] * 2).astype(np.float64),
+                            np.stack([mask[crop]] * 2).astype(np.float64), np.array(["Colon", "Colon"]))
+    argv = train_in_process.argv(tmp_path / "data", tmp_path / "run", train_folds=(1,), test_folds=(2,))
+    line = error_line(capsys, lambda: train_in_process(argv))
+    assert "100 px" in line and str(tmp_path / "data") in line
