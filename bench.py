@@ -50,6 +50,7 @@ from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs
 from demo import write_demo_folds
+from losses import discriminator_targets
 from tiling import generate_tiled, generate_whole
 from utils import run_main
 
@@ -165,8 +166,8 @@ def baseline_step(gen, disc, opt_g, opt_d, mask, real, cfg):
     fake = gen(mask)
     d_real = disc(mask, real)
     d_fake = disc(mask, fake.detach())
-    loss_d = (bce(d_real, tu.discriminator_targets(d_real, cfg.real_label_range, cfg.smooth_real, 1.0))
-              + bce(d_fake, tu.discriminator_targets(d_fake, cfg.fake_label_range, cfg.smooth_fake, 0.0))) / 2
+    loss_d = (bce(d_real, discriminator_targets(d_real, cfg.real_label_range, cfg.smooth_real, 1.0))
+              + bce(d_fake, discriminator_targets(d_fake, cfg.fake_label_range, cfg.smooth_fake, 0.0))) / 2
     opt_d.zero_grad()
     loss_d.backward()
     opt_d.step()

@@ -72,7 +72,9 @@ DIST_TIMEOUT_MINUTES = 30
 RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
                "split_file", "test_fraction", "label_set",
                "ngf", "ndf", "norm", "dropout", "unet_depth", "batch_size", "lr", "beta1", "beta2", "scale_lr",
-               "l1_lambda", "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed")
+               "l1_lambda", "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed",
+               "generator", "noise_dim", "discriminator", "num_d_scales", "gan_loss", "feat_match_lambda",
+               "labelmix_lambda")
 
 # `--demo`: small enough to train in about two minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
@@ -118,7 +120,30 @@ def add_model_args(p):
                    help="dropout in the first three decoder blocks (pix2pix's noise source)")
     g.add_argument("--unet-depth", type=int, default=None,
                    help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
-                        "8 for 256 px and larger), as pix2pix's unet_128 / unet_256")
+                        "8 for 256 px and larger), as pix2pix's unet_128 / unet_256; with --generator spade it "
+                        "sets only the tile test.py generates in (2**depth px)")
+    g.add_argument("--generator", default="unet", choices=["unet", "spade"],
+                   help="unet: pix2pix's U-Net on the one-hot mask; spade: a SPADE residual generator (the mask, "
+                        "resized to each block, predicts per-pixel scale and bias of a parameter-free --norm), "
+                        "upsampled 5 times from a grid of the input's size / 32")
+    g.add_argument("--noise-dim", type=int, default=0,
+                   help="spade: length of a per-image noise vector broadcast over the image and concatenated to "
+                        "the mask (OASIS's 3D noise), for varied images per mask; 0 = no noise")
+    g.add_argument("--discriminator", default="patch", choices=["patch", "multiscale", "oasis"],
+                   help="patch: pix2pix's 70x70 PatchGAN (BCE, smoothed labels); multiscale: PatchGANs at "
+                        "--num-d-scales scales (pix2pixHD; --gan-loss, --feat-match-lambda); oasis: a U-Net "
+                        "segmenter on the image with N classes + 'fake' per pixel (class-balanced cross-entropy, "
+                        "--labelmix-lambda; OASIS trains with --l1-lambda 0)")
+    g.add_argument("--num-d-scales", type=int, default=2, choices=[1, 2, 3],
+                   help="multiscale: PatchGANs, each on the input average-pooled by 2 once more")
+    g.add_argument("--gan-loss", default="hinge", choices=["hinge", "bce"],
+                   help="multiscale: hinge (SPADE) or BCE with the --smooth-* labels")
+    g.add_argument("--feat-match-lambda", type=float, default=10.0,
+                   help="multiscale: weight of feature matching (L1 between D's features on real and fake "
+                        "images), added to G's adversarial loss; 0 = off")
+    g.add_argument("--labelmix-lambda", type=float, default=10.0,
+                   help="oasis: weight of LabelMix (D's output on real and fake mixed by mask class must be the "
+                        "same mix of its outputs), added to D's loss; 0 = off")
 
 
 def add_pannuke_data_args(p, test_folds_help):
@@ -351,6 +376,13 @@ def test_parser():
     p.add_argument("--grids-dir", default=None,
                    help="folder for the mask | real | fake grids (default: OUT.grids, beside --out-dir, so the "
                         "synthetic tree holds only what a loader of the real data expects)")
+    p.add_argument("--tiles-dir", default=None,
+                   help="CoNIC: folder for the per-patch PNGs the drop-in folder is assembled from (default: "
+                        "OUT.tiles, beside --out-dir)")
+    p.add_argument("--samples-per-mask", type=int, default=1,
+                   help="K > 1: K images per mask, seeded from (--seed, image, k), in K drop-in trees "
+                        "OUT/sample_1 ... OUT/sample_K (grids and CoNIC tiles in sample_k folders beside them); "
+                        "needs noise (--noise-dim) or a U-Net with dropout and --norm-mode train")
     p.add_argument("--norm-mode", default="eval", choices=["eval", "train"],
                    help="eval: running BatchNorm statistics, no dropout (deterministic, independent of tiling "
                         "and batch); train: per-image statistics and dropout, as in the pix2pix paper")

@@ -1,12 +1,13 @@
-"""The pix2pix GAN as a unit: its networks built from a model config, its
-checkpoint kind, batches in the networks' input format, and generation with an
-explicit normalisation mode. The training step and loop are in train_utils.py.
+"""The GAN as a unit: its networks built from a model config (--generator unet or
+spade, --discriminator patch, multiscale or oasis), its checkpoint kind, batches in
+the networks' input format, and generation with an explicit normalisation mode and
+seeded noise. The training step and loop are in train_utils.py, the losses in losses.py.
 """
 import torch
 
 from dataset.masks import NUM_CLASSES, PANNUKE, get_label_set, labels_to_onehot
-from discriminator_model import Discriminator
-from generator_model import NUM_DOWNSAMPLINGS, Generator, depth_for_tile, init_weights
+from discriminator_model import Discriminator, MultiscaleDiscriminator, OasisDiscriminator
+from generator_model import NUM_DOWNSAMPLINGS, Generator, SPADEGenerator, depth_for_tile, init_weights, seeded_noise
 from runtime import load_model_state
 from utils import UserError, load_checkpoint_of_kind
 
@@ -35,19 +36,35 @@ def prepare_batch(labels, image, device, channels_last=True, num_classes=NUM_CLA
 
 
 def model_config(cfg, labels, tile):
-    """The networks a run trains: widths, norm and dropout from the options; the label
-    set (`labels`, a LabelSet) and the U-Net depth (unless --unet-depth) from the data."""
+    """The networks a run trains: architectures, widths, norm, dropout (U-Net) and
+    noise (SPADE) from the options; the label set (`labels`, a LabelSet) and the
+    depth (unless --unet-depth) from the data. For SPADE the depth sets only the
+    tile test.py pads to and generates in (2**depth px), as for the U-Net."""
     try:
         depth = cfg.unet_depth or depth_for_tile(tile)
     except ValueError as exc:
         raise UserError(f"{cfg.data_dir}: {exc}") from None
-    return dict(ngf=cfg.ngf, ndf=cfg.ndf, norm=cfg.norm, dropout=cfg.dropout, label_set=labels.name,
-                unet_depth=depth)
+    config = dict(ngf=cfg.ngf, ndf=cfg.ndf, norm=cfg.norm, label_set=labels.name, unet_depth=depth,
+                  generator=cfg.generator, discriminator=cfg.discriminator, noise_dim=cfg.noise_dim)
+    if cfg.generator == "unet":
+        config["dropout"] = cfg.dropout
+    if cfg.discriminator == "multiscale":
+        config["num_d_scales"] = cfg.num_d_scales
+    return config
+
+
+def check_model_config(model_cfg):
+    """Options that contradict each other (checked after a resumed run's own config is compared)."""
+    if model_cfg["noise_dim"] and model_cfg["generator"] != "spade":
+        raise UserError(f"--noise-dim {model_cfg['noise_dim']} needs --generator spade (the U-Net's only noise is "
+                        f"dropout)")
 
 
 def with_model_defaults(model_config):
-    """Checkpoints from before label sets and depths were recorded are PanNuke, depth 8."""
-    return {"label_set": PANNUKE.name, "unet_depth": NUM_DOWNSAMPLINGS, **model_config}
+    """Checkpoints from before label sets and depths were recorded are PanNuke, depth 8;
+    from before the architectures were, a U-Net without noise and a PatchGAN."""
+    return {"label_set": PANNUKE.name, "unet_depth": NUM_DOWNSAMPLINGS, "generator": "unet", "discriminator": "patch",
+            "noise_dim": 0, **model_config}
 
 
 def num_classes(model_cfg):
@@ -56,12 +73,23 @@ def num_classes(model_cfg):
 
 def build_generator(cfg):
     cfg = with_model_defaults(cfg)
+    if cfg["generator"] == "spade":
+        return init_weights(SPADEGenerator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"],
+                                           noise_dim=cfg["noise_dim"]))
     return init_weights(Generator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"], dropout=cfg["dropout"],
                                   num_downs=cfg["unet_depth"]))
 
 
 def build_discriminator(cfg):
-    return init_weights(Discriminator(num_classes(with_model_defaults(cfg)), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
+    cfg = with_model_defaults(cfg)
+    if cfg["discriminator"] == "oasis":
+        # No norm layers: PyTorch's fan-in scaled init keeps its activations in range,
+        # where N(0, 0.02) would shrink them block by block.
+        return OasisDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"])
+    if cfg["discriminator"] == "multiscale":
+        return init_weights(MultiscaleDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"],
+                                                    num_scales=cfg["num_d_scales"]))
+    return init_weights(Discriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
 
 
 def read_checkpoint(path, required=GENERATOR_KEYS):
@@ -84,20 +112,24 @@ def load_generator(path, device):
 
 
 @torch.no_grad()
-def generate(generator, mask, autocast, norm_mode="eval"):
+def generate(generator, mask, autocast, norm_mode="eval", seeds=None):
     """Run the generator with an explicit normalisation mode, restoring its state.
 
     eval: running BatchNorm statistics and no dropout (deterministic); train: batch
     statistics and dropout as in the pix2pix paper, without touching the running
-    statistics stored in the model.
+    statistics stored in the model. A generator that takes noise gets, for image i,
+    the vector seeded from seeds[i] (default: i), so the same seeds give the same images.
     """
     was_training = generator.training
     # Only train mode updates BatchNorm's running statistics: keep them to put back.
     saved = {k: v.clone() for k, v in generator.state_dict().items()
              if norm_mode == "train" and ("running_" in k or "num_batches" in k)}
     generator.train(norm_mode == "train")
+    inputs = [mask]
+    if generator.noise_dim:
+        inputs.append(seeded_noise(range(len(mask)) if seeds is None else seeds, generator.noise_dim, mask.device))
     with autocast:
-        fake = generator(mask).float()
+        fake = generator(*inputs).float()
     if saved:
         generator.load_state_dict(saved, strict=False)
     generator.train(was_training)

@@ -6,15 +6,23 @@ depth follows the training tile (`depth_for_tile`), and inputs must be multiples
 2**num_downs (test.py pads or tiles larger images). Each decoder block gets the
 matching encoder output as a skip connection; the first three decoder blocks use
 dropout, which is pix2pix's only source of noise.
+
+`SPADEGenerator` (Park et al. 2019, with OASIS's optional noise, Schonfeld et al.
+2021) is the alternative: residual blocks upsampled from a small grid, each
+normalised without parameters and then scaled and shifted per pixel by what small
+convolutions read from the mask (resized to that block). The start grid is the
+input's size / 2**SPADE_UPSAMPLINGS, so any multiple of 32 px works, tiles included.
 """
 import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 NUM_DOWNSAMPLINGS = 8
 SIZE_MULTIPLE = 2 ** NUM_DOWNSAMPLINGS
 MIN_DOWNSAMPLINGS = 5
+SPADE_UPSAMPLINGS = 5
 
 
 def depth_for_tile(tile):
@@ -27,9 +35,9 @@ def depth_for_tile(tile):
     return depth
 
 
-def make_norm(norm, channels):
+def make_norm(norm, channels, affine=True):
     if norm == "batch":
-        return nn.BatchNorm2d(channels)
+        return nn.BatchNorm2d(channels, affine=affine)
     if norm == "instance":
         # As in pix2pix: no affine parameters and no running statistics.
         return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
@@ -62,6 +70,8 @@ class UpBlock(nn.Module):
 
 
 class Generator(nn.Module):
+    noise_dim = 0  # its only noise is dropout
+
     def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", dropout=True,
                  num_downs=NUM_DOWNSAMPLINGS):
         super().__init__()
@@ -97,7 +107,91 @@ def init_weights(module, std=0.02):
             nn.init.normal_(m.weight, 0.0, std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
             nn.init.normal_(m.weight, 1.0, std)
             nn.init.zeros_(m.bias)
     return module
+
+
+# --------------------------------------------------------------------------- SPADE
+
+
+def seeded_noise(seeds, dim, device):
+    """One noise vector per seed, drawn on the CPU so a seed gives the same vector on any device."""
+    return torch.stack([torch.randn(dim, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
+
+
+class SPADE(nn.Module):
+    """Parameter-free normalisation, then a per-pixel scale and bias predicted from the condition."""
+
+    def __init__(self, channels, cond_channels, hidden, norm):
+        super().__init__()
+        self.norm = make_norm(norm, channels, affine=False)
+        self.shared = nn.Sequential(nn.Conv2d(cond_channels, hidden, 3, padding=1), nn.ReLU())
+        self.gamma = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.beta = nn.Conv2d(hidden, channels, 3, padding=1)
+
+    def forward(self, x, cond):
+        h = self.shared(cond)
+        # 1 + gamma: a zero-initialised prediction leaves the normalised input unscaled.
+        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
+
+
+class SPADEResBlock(nn.Module):
+    """SPADE-LeakyReLU-conv twice, plus a shortcut (SPADE then a 1x1 conv where the width
+    changes). Its SPADE layers read the condition through `min(cout, hidden)` channels."""
+
+    def __init__(self, cin, cout, cond_channels, hidden, norm):
+        super().__init__()
+        mid, hidden = min(cin, cout), min(cout, hidden)
+        self.norm_0, self.conv_0 = SPADE(cin, cond_channels, hidden, norm), nn.Conv2d(cin, mid, 3, padding=1)
+        self.norm_1, self.conv_1 = SPADE(mid, cond_channels, hidden, norm), nn.Conv2d(mid, cout, 3, padding=1)
+        self.learned_shortcut = cin != cout
+        if self.learned_shortcut:
+            self.norm_s, self.conv_s = SPADE(cin, cond_channels, hidden, norm), nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x, cond):
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, cond), 0.2))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, cond), 0.2))
+        skip = self.conv_s(self.norm_s(x, cond)) if self.learned_shortcut else x
+        return skip + dx
+
+
+class SPADEGenerator(nn.Module):
+    """SPADE residual generator: a 3x3 conv reads the condition (one-hot mask, plus the
+    noise broadcast over the image when noise_dim > 0) at the start grid, then
+    `num_ups + 1` SPADE blocks with a nearest-neighbour x2 upsampling before each but
+    the first. Widths halve from 8 x ngf block by block ([8, 4, 2, 1, 1/2, 1/4] x ngf
+    at 5 upsamplings) and the SPADE layers read the condition through at most ngf
+    channels, so the full-size blocks stay cheap (the README compares FLOPs)."""
+
+    def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", noise_dim=0, num_ups=SPADE_UPSAMPLINGS):
+        super().__init__()
+        self.noise_dim = noise_dim
+        self.size_multiple = 2 ** num_ups
+        cond = in_channels + noise_dim
+        widths = [max(1, ngf * 8 // 2 ** i) for i in range(num_ups + 1)]
+        self.head = nn.Conv2d(cond, widths[0], 3, padding=1)
+        self.blocks = nn.ModuleList([SPADEResBlock(cin, cout, cond, ngf, norm)
+                                     for cin, cout in zip(widths[:1] + widths[:-1], widths)])
+        self.final = nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(widths[-1], out_channels, 3, padding=1), nn.Tanh())
+
+    def condition(self, mask, noise, size):
+        """The mask resized to `size` (nearest: classes stay one-hot), with the noise broadcast over it."""
+        cond = F.interpolate(mask, size=size, mode="nearest")
+        if not self.noise_dim:
+            return cond
+        return torch.cat([cond, noise[:, :, None, None].to(cond.dtype).expand(-1, -1, *size)], dim=1)
+
+    def forward(self, mask, noise=None):
+        """`noise` (B, noise_dim); drawn from the global RNG when not given (training)."""
+        if self.noise_dim and noise is None:
+            noise = torch.randn(mask.shape[0], self.noise_dim, device=mask.device)
+        h, w = mask.shape[-2:]
+        scale = self.size_multiple
+        x = self.head(self.condition(mask, noise, (h // scale, w // scale)))
+        for i, block in enumerate(self.blocks):
+            if i:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+            x = block(x, self.condition(mask, noise, tuple(x.shape[-2:])))
+        return self.final(x)

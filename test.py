@@ -18,7 +18,14 @@ Normalisation at generation time is explicit (--norm-mode): `eval` (default) use
 the running BatchNorm statistics and no dropout, so an image does not depend on
 which other images share its batch or tile; `train` uses each image's own
 statistics and dropout, as the pix2pix paper did (seeded per image).
+
+--samples-per-mask K > 1 writes K images per mask into K drop-in trees,
+OUT/sample_1 ... OUT/sample_K, sample k of image i seeded from (--seed, i, k): a
+SPADE generator's noise vector (--noise-dim) or, for a U-Net, its dropout (with
+--norm-mode train). With K = 1, OUT itself is the tree, as before.
 """
+import argparse
+import functools
 import hashlib
 import json
 import shutil
@@ -50,6 +57,40 @@ def grids_folder(args):
     return Path(args.grids_dir) if args.grids_dir else beside(args.out_dir, ".grids")
 
 
+def tiles_folder(args):
+    return Path(args.tiles_dir) if args.tiles_dir else beside(args.out_dir, ".tiles")
+
+
+# Between the seeds of one image's samples: above any split's size, so (image, sample) pairs never share a seed.
+SAMPLE_SEED_STRIDE = 1_000_003
+
+
+def sample_trees(args):
+    """The options of each sample's run: with one sample per mask, `args` as given;
+    with K, sample k writes OUT/sample_k, its grids and CoNIC tiles in sample_k folders
+    beside OUT, from seeds shifted by (k - 1) x SAMPLE_SEED_STRIDE (image i: seed + i)."""
+    if args.samples_per_mask == 1:
+        return [args]
+    return [argparse.Namespace(**{**vars(args), "out_dir": str(Path(args.out_dir) / f"sample_{k}"),
+                                  "grids_dir": str(grids_folder(args) / f"sample_{k}"),
+                                  "tiles_dir": str(tiles_folder(args) / f"sample_{k}"),
+                                  "seed": args.seed + (k - 1) * SAMPLE_SEED_STRIDE})
+            for k in range(1, args.samples_per_mask + 1)]
+
+
+def check_samples(args, model_cfg):
+    """Several samples per mask need a source of variation, or they would all be the same image."""
+    if args.samples_per_mask < 1:
+        raise UserError(f"--samples-per-mask must be at least 1, got {args.samples_per_mask}")
+    if args.samples_per_mask == 1 or model_cfg["noise_dim"]:
+        return
+    if model_cfg["generator"] == "unet" and model_cfg["dropout"] and args.norm_mode == "train":
+        return
+    cause = ("this U-Net varies only through dropout: add --norm-mode train" if model_cfg.get("dropout") else
+             "this generator was trained without noise (--noise-dim) or dropout")
+    raise UserError(f"--samples-per-mask {args.samples_per_mask} would write identical images: {cause}")
+
+
 def fetch_wandb_checkpoint(spec, out_dir):
     """wandb:ENTITY/PROJECT/ARTIFACT:VERSION, or wandb:ENTITY/PROJECT/RUN_ID for that
     run's latest checkpoint artifact. Needs an online account."""
@@ -76,17 +117,21 @@ def check_apart(args):
     inputs = {"--data-dir": args.data_dir}
     if args.dataset == "unitopatho":
         inputs["--masks-dir"] = args.masks_dir
-    for flag, out in (("--out-dir", args.out_dir), ("--grids-dir", grids_folder(args))):
+    outputs = [("--out-dir", args.out_dir), ("--grids-dir", grids_folder(args))]
+    if args.dataset == "conic":
+        outputs.append(("--tiles-dir", tiles_folder(args)))
+    for flag, out in outputs:
         for input_flag, folder in inputs.items():
             if within(out, folder):
                 raise UserError(f"{flag} {out} is inside {input_flag} {folder}; synthetic images must not be "
                                 f"written among the inputs: choose another {flag}")
 
 
-def checkpoint_identity(spec, path, ckpt):
+def checkpoint_identity(spec, path, ckpt, samples_per_mask):
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"checkpoint": str(spec), "sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step")}
+    return {"checkpoint": str(spec), "sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
+            "samples_per_mask": samples_per_mask}
 
 
 def describe(identity):
@@ -114,6 +159,9 @@ def claim_out_dir(args, identity, is_main):
                 made_by, overwriting = previous["sha256"], previous.get("overwriting")
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise UserError(f"cannot read {record} ({exc}): delete it, or pass --overwrite") from None
+            if previous.get("samples_per_mask", 1) != identity["samples_per_mask"]:
+                raise UserError(f"{out} holds {previous.get('samples_per_mask', 1)} sample(s) per mask (see "
+                                f"{record}), not {identity['samples_per_mask']}; choose a new --out-dir")
             if made_by != identity["sha256"]:
                 raise UserError(f"{out} holds images made by checkpoint {describe(previous)}, not by "
                                 f"{describe(identity)} (see {record}); pass --overwrite to regenerate them, "
@@ -129,14 +177,17 @@ def claim_out_dir(args, identity, is_main):
         write_record(args, identity, args.overwrite)
 
 
-def generate_images(generator, mask, autocast, norm_mode, seeds):
-    """Per-image generation in train mode (batch statistics must not mix images)."""
+def generate_images(generator, mask, autocast, norm_mode, seeds, noise_seeds=None):
+    """Per-image generation in train mode (batch statistics must not mix images), its
+    dropout seeded from `seeds`; a noise generator's vectors come from `noise_seeds`
+    (default `seeds`; the tiles of one image share its vector)."""
+    noise_seeds = seeds if noise_seeds is None else noise_seeds
     if norm_mode == "eval":
-        return generate(generator, mask, autocast, "eval")
+        return generate(generator, mask, autocast, "eval", noise_seeds)
     outs = []
-    for m, seed in zip(mask, seeds):
+    for m, seed, noise_seed in zip(mask, seeds, noise_seeds):
         torch.manual_seed(seed)
-        outs.append(generate(generator, m[None], autocast, "train"))
+        outs.append(generate(generator, m[None], autocast, "train", [noise_seed]))
     return torch.cat(outs)
 
 
@@ -204,8 +255,8 @@ def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size, 
 def generate_conic(args, generator, ckpt, device, autocast, rank, world_size, dataset):
     """A drop-in CoNIC folder: OUT/images.npy holds the synthetic patches, beside copies
     of the split's labels.npy rows, patch_info.csv and counts.csv. Patches are written
-    as PNGs to OUT.tiles/ first, so an interrupted run resumes; rank 0 assembles."""
-    tiles = beside(args.out_dir, ".tiles")
+    as PNGs to --tiles-dir (OUT.tiles/) first, so an interrupted run resumes; rank 0 assembles."""
+    tiles = tiles_folder(args)
     count = generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, tiles)
     barrier()
     if rank == 0:
@@ -227,17 +278,19 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
     mine = list(range(rank, len(split), world_size))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
-    def forward(mask, seeds):
-        return generate_images(generator, mask, autocast, args.norm_mode, seeds)
+    def forward(mask, seeds, image_seed):
+        return generate_images(generator, mask, autocast, args.norm_mode, seeds, [image_seed] * len(seeds))
 
     grids_left = args.grids if rank == 0 else 0
     for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0):
         labels = read_mask(pairs.mask_paths[i], split.paths[i])
+        seed = args.seed + i
+        image_forward = functools.partial(forward, image_seed=seed)
         if args.tile:
-            fake = generate_tiled(forward, labels, device, args.tile_overlap, args.batch_size, args.seed + i,
+            fake = generate_tiled(image_forward, labels, device, args.tile_overlap, args.batch_size, seed,
                                   args.channels_last, tile=multiple, num_classes=classes)
         else:
-            fake = generate_whole(forward, labels, device, args.seed + i, args.channels_last, multiple, classes)
+            fake = generate_whole(image_forward, labels, device, seed, args.channels_last, multiple, classes)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             # mask | real | fake at the centre crop: a quick visual check beside the drop-in tree.
@@ -263,19 +316,24 @@ def main(argv=None):
         generator, ckpt = load_generator(checkpoint, device)
         args.data_dir = data_dir_of(args, ckpt)
         check_apart(args)
+        check_samples(args, ckpt["model_config"])
         inputs = open_inputs(args, ckpt)  # read and checked before anything is written
-        identity = checkpoint_identity(args.checkpoint, checkpoint, ckpt)
+        identity = checkpoint_identity(args.checkpoint, checkpoint, ckpt, args.samples_per_mask)
         claim_out_dir(args, identity, info.is_main)
         if args.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
         autocast = autocast_context(device, resolve_precision(args.precision, device))
-        count = WRITERS[args.dataset](args, generator, ckpt, device, autocast, info.rank, info.world_size, inputs)
+        for tree_args in sample_trees(args):
+            count = WRITERS[args.dataset](tree_args, generator, ckpt, device, autocast, info.rank, info.world_size,
+                                          inputs)
         barrier()
         if info.is_main:
             if args.overwrite:
                 write_record(args, identity, overwriting=False)
             shared = f" ({info.world_size} processes, each wrote its share)" if info.distributed else ""
-            print(f"synthetic images for {count} samples are in {args.out_dir}{shared}")
+            trees = f" x {args.samples_per_mask} per mask, in sample_1 ... sample_{args.samples_per_mask}" \
+                if args.samples_per_mask > 1 else ""
+            print(f"synthetic images for {count} samples{trees} are in {args.out_dir}{shared}")
 
 
 if __name__ == "__main__":

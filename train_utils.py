@@ -1,5 +1,5 @@
-"""The pix2pix training step and the epoch loop shared by train_pannuke.py,
-train_utp.py and their _ddp twins.
+"""The GAN training step and the epoch loop shared by train_pannuke.py,
+train_utp.py, train_conic.py and their _ddp twins. The step's losses are in losses.py.
 
 One loop runs the same on one device and under torchrun (runtime.distributed).
 Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
@@ -13,10 +13,11 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from config import check_epochs_left, check_training_config, settle_config, training_parser
+from config import check_epochs_left, check_option_ranges, check_training_config, settle_config, training_parser
 from figures import save_loss_plot, triplet_grid
-from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, generate, model_config,
-                 prepare_batch, read_resume_checkpoint)
+from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
+                 model_config, prepare_batch, read_resume_checkpoint)
+from losses import LOSSES
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
                      resolve_precision, unwrap, wrap_ddp)
@@ -29,31 +30,29 @@ LOSS_NAMES = ("loss_d", "loss_g_adv", "loss_l1")
 
 @dataclass
 class StepConfig:
+    """What the losses (losses.py) need. The last three matter only to the multiscale
+    and OASIS discriminators and default to their plain form (hinge, no feature
+    matching, no LabelMix)."""
     l1_lambda: float
     real_label_range: tuple
     fake_label_range: tuple
     smooth_real: bool
     smooth_fake: bool
     autocast: object
-
-
-def discriminator_targets(logits, label_range, smooth, hard_value):
-    if not smooth:
-        return torch.full_like(logits, hard_value, dtype=torch.float32)
-    lo, hi = label_range
-    return torch.rand(logits.shape, device=logits.device).mul_(hi - lo).add_(lo)
+    gan_loss: str = "hinge"
+    feat_match_lambda: float = 0.0
+    labelmix_lambda: float = 0.0
 
 
 def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, mask, real, cfg):
-    """One pix2pix update of D then G. Returns the three losses as one detached tensor
-    (no host-device synchronisation here; the caller decides when to read them)."""
-    bce = nn.functional.binary_cross_entropy_with_logits
+    """One update of D then G with the losses of D's kind (losses.LOSSES). Returns
+    (loss_d, loss_g_adv, loss_l1) as one detached tensor (no host-device
+    synchronisation here; the caller decides when to read them). LabelMix is part of
+    loss_d and feature matching part of loss_g_adv."""
+    d_loss, g_adv_loss = LOSSES[unwrap(discriminator).kind]
     with cfg.autocast:
         fake = generator(mask)
-        d_real = discriminator(mask, real)
-        d_fake = discriminator(mask, fake.detach())
-        loss_d = 0.5 * (bce(d_real.float(), discriminator_targets(d_real, cfg.real_label_range, cfg.smooth_real, 1.0))
-                        + bce(d_fake.float(), discriminator_targets(d_fake, cfg.fake_label_range, cfg.smooth_fake, 0.0)))
+        loss_d = d_loss(discriminator, mask, real, fake.detach(), cfg)
     opt_d.zero_grad(set_to_none=True)
     scaler_d.scale(loss_d).backward()
     scaler_d.step(opt_d)
@@ -64,8 +63,7 @@ def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, m
     plain_d = unwrap(discriminator)
     plain_d.requires_grad_(False)
     with cfg.autocast:
-        d_fake = plain_d(mask, fake)
-        loss_adv = bce(d_fake.float(), torch.ones_like(d_fake, dtype=torch.float32))
+        loss_adv = g_adv_loss(plain_d, mask, real, fake, cfg)
         loss_l1 = nn.functional.l1_loss(fake.float(), real.float()) * cfg.l1_lambda
         loss_g = loss_adv + loss_l1
     opt_g.zero_grad(set_to_none=True)
@@ -79,7 +77,8 @@ def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, m
 def step_config_from_args(args, autocast):
     return StepConfig(l1_lambda=args.l1_lambda, real_label_range=tuple(args.real_label_range),
                       fake_label_range=tuple(args.fake_label_range), smooth_real=args.smooth_real,
-                      smooth_fake=args.smooth_fake, autocast=autocast)
+                      smooth_fake=args.smooth_fake, autocast=autocast, gan_loss=args.gan_loss,
+                      feat_match_lambda=args.feat_match_lambda, labelmix_lambda=args.labelmix_lambda)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -171,17 +170,29 @@ def build_networks(cfg, model_cfg, resume, info, device, channels_last, precisio
     return nets
 
 
+def as_flags(model_cfg, keys):
+    """Model config entries as the command-line flags that set them."""
+    flags = []
+    for key in keys:
+        value = model_cfg[key]
+        name = key.replace("_", "-")
+        flags.append((f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}")
+    return " ".join(flags)
+
+
 def check_resume(cfg, model_cfg, resume):
     """A checkpoint resumes only the same networks on the same label set, with epochs left."""
     if resume is None:
         return
-    if resume["model_config"]["label_set"] != model_cfg["label_set"]:
-        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {resume['model_config']['label_set']} "
+    saved = resume["model_config"]
+    if saved["label_set"] != model_cfg["label_set"]:
+        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {saved['label_set']} "
                         f"label set, but {cfg.data_dir} gives {model_cfg['label_set']} masks")
-    if resume["model_config"] != model_cfg:
-        raise UserError(f"checkpoint {cfg.resume} was trained with {resume['model_config']}, but this run asks "
-                        f"for {model_cfg}; leave out --ngf/--ndf/--norm/--dropout/--unet-depth to resume with "
-                        f"the checkpoint's")
+    differ = [k for k in {**saved, **model_cfg} if saved.get(k) != model_cfg.get(k)]
+    if differ:
+        raise UserError(f"checkpoint {cfg.resume} was trained with {as_flags(saved, [k for k in differ if k in saved])}, "
+                        f"but this run asks for {as_flags(model_cfg, [k for k in differ if k in model_cfg])}; leave "
+                        f"out those flags to resume with the checkpoint's networks")
     check_epochs_left(cfg, resume)
 
 
@@ -333,6 +344,7 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
     (a checkpoint dict) when given. `build_datasets(cfg)` returns (train dataset,
     sample dataset); items are (labels uint8 (H, W), image uint8 (3, H, W))."""
     check_training_config(cfg)
+    check_option_ranges(cfg, {"noise_dim": 0, "feat_match_lambda": 0, "labelmix_lambda": 0})
     with distributed(cfg.device, cfg.dist_timeout, cfg.channels_last, require=require_distributed) \
             as (info, device, channels_last), StopRequest() as stop:
         log = print if info.is_main else (lambda *a, **k: None)
@@ -353,6 +365,7 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
         labels = train_set.label_set
         model_cfg = model_config(cfg, labels, train_set[0][0].shape[-1])
         check_resume(cfg, model_cfg, resume)
+        check_model_config(model_cfg)
         sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
         workers = loader_workers(cfg.workers, device)
         loader_rng = torch.Generator()
