@@ -11,8 +11,10 @@ tiles, 8 for 256), so 20x tiles train at their own scale.
 import os
 from pathlib import Path
 
+import numpy as np
+
 from config import add_conic_training_data_args
-from dataset.conic import build_conic, write_split_file
+from dataset.conic import CoNIC, build_conic, write_split_file
 from train_utils import train_main
 from utils import run_main
 
@@ -20,10 +22,13 @@ from utils import run_main
 def build_datasets(cfg):
     split = dict(seed=cfg.seed, test_fraction=cfg.test_fraction, split_file=cfg.split_file, label_set=cfg.label_set)
     train_set = build_conic(cfg.data_dir, "train", augment=True, check_data=cfg.check_data, **split)
-    sample_set = build_conic(cfg.data_dir, "test", **split)
+    test_set = build_conic(cfg.data_dir, "test", **split)
     if int(os.environ.get("RANK", 0)) == 0:
-        write_split_file(Path(cfg.out_dir) / "split.csv", train_set.all_names, train_set.indices, sample_set.indices)
-    return train_set, sample_set
+        write_split_file(Path(cfg.out_dir) / "split.csv", train_set.all_names, train_set.indices, test_set.indices)
+    # The sample grids show the test tiles with the most nucleus pixels: many tiles are nearly empty.
+    nuclei = [int((test_set.classes(i) > 0).sum()) for i in range(len(test_set))]
+    shown = test_set.indices[np.argsort(nuclei, kind="stable")[::-1]]
+    return train_set, CoNIC(cfg.data_dir, shown, label_set=cfg.label_set)
 
 
 @run_main

@@ -1,0 +1,346 @@
+"""study.py: the --smoke study end to end on tiny CoNIC data (every field of metrics.json and
+report.html, in under two minutes), a re-run that skips finished stages, a study killed while a
+GAN trains that resumes it from its last.pt, the labelled k% split inside the training split and
+apart from the test split, refusals as one line; metrics.panoptic_quality by hand; and the smoke
+on real lizard_128 tiles when they are present."""
+import json
+import re
+import shutil
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from conic_fixtures import make_conic
+
+import metrics
+import study
+from dataset.conic import open_conic, patch_source, read_split_file
+
+LIZARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "lizard_128"
+NAMES = [f"src{s}-{i:04d}" for s in range(8) for i in range(3)]   # 8 source images of 3 tiles each
+SMOKE_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def tiny_conic(tmp_path_factory):
+    """24 consistent 64-px patches from 8 source images."""
+    root, _, _ = make_conic(tmp_path_factory.mktemp("conic") / "data", names=NAMES, size=64, n_nuclei=8)
+    return root
+
+
+def smoke_argv(data_dir, out_dir, *extra):
+    return ["--data-dir", data_dir, "--out-dir", out_dir, "--smoke", "--device", "cpu", "--precision", "fp32",
+            "--workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke(tiny_conic, tmp_path_factory, run_script):
+    """One --smoke study (rare classes oversampled), with its stdout and wall time."""
+    out = tmp_path_factory.mktemp("study") / "S"
+    started = time.perf_counter()
+    result = run_script("study.py", *smoke_argv(tiny_conic, out, "--rare-class-weight", "4"), timeout=600)
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    return SimpleNamespace(out=out, stdout=result.stdout, seconds=seconds,
+                           metrics=json.loads((out / "metrics.json").read_text()))
+
+
+def lookup(tree, dotted):
+    for key in dotted.split("."):
+        assert isinstance(tree, dict) and key in tree, f"metrics.json lacks {dotted!r} (at {key!r})"
+        tree = tree[key]
+    return tree
+
+
+# Fields of metrics.json that must hold a value (not None) after the smoke study.
+FIELDS = ["command", "options.fractions", "options.seeds_used", "options.data_dir", "machine.platform",
+          "machine.cpu_count", "machine.torch", "machine.device", "machine.precision", "budget.gan_minutes",
+          "budget.segmenter_step_seconds", "budget.segmenter_steps.reference", "budget.segmenter_steps.augment",
+          "seconds.split", "seconds.reference", "seconds.k50/gan", "seconds.k100/synthetic_b", "seconds.realism",
+          "seconds.k50/augment/real_synthetic_s43", "seconds.this_run_total",
+          "split.train.tiles", "split.test.tiles", "split.test.sources", "split.labelled.50.tiles",
+          "reference.tiles", "reference.steps.reference", "reference.test.dice.Nuclei", "reference.test.iou.Nuclei",
+          "reference.test.mean_dice_types", "reference.test.pq.Nuclei", "reference.test.mpq",
+          "gan.50.tiles", "gan.50.epochs", "gan.50.steps", "gan.50.epoch_seconds", "gan.50.train_seconds",
+          "gan.100.checkpoint", "synthetic.50.a.tiles", "synthetic.50.b.tiles", "synthetic.50.b.nuclei.Neutrophil",
+          "synthetic.100.b.rare_classes", "realism.gan", "realism.tiles", "realism.halves",
+          "realism.synthetic.c2st.accuracy", "realism.synthetic.c2st.ci95", "realism.real_vs_real.c2st.accuracy",
+          "realism.synthetic.domain_frechet_distance", "realism.real_vs_real.domain_frechet_distance",
+          "realism.synthetic.domain_kernel_distance.mean", "realism.real_vs_real.domain_kernel_distance.std",
+          "realism.mask_fidelity.synthetic.dice.Nuclei", "realism.mask_fidelity.synthetic.pq.Nuclei",
+          "realism.mask_fidelity.ratio.nuclei_dice", "realism.mask_fidelity.ratio.nuclei_pq"]
+FIELDS += [f"augmentation.{k}.summary.{m}.{pool}.{s}" for k in ("50", "100")
+           for m in ("nuclei_dice", "mean_dice_types", "nuclei_pq", "mpq")
+           for pool in ("real", "real+synthetic", "difference") for s in ("mean", "sd")]
+FIELDS += [f"augmentation.100.per_class_dice.Epithelial.{pool}.mean" for pool in ("real", "real+synthetic")]
+
+
+def test_smoke_study_writes_every_field_in_time(smoke):
+    assert smoke.seconds < SMOKE_SECONDS, f"the smoke study took {smoke.seconds:.0f} s"
+    m = smoke.metrics
+    missing = [f for f in FIELDS if lookup(m, f) is None]
+    assert not missing, f"metrics.json fields without a value: {missing}"
+    assert m["options"]["fractions"] == [50, 100] and m["options"]["seeds_used"] == [42, 43]
+    assert "--smoke" in m["command"] and m["budget"]["gan_minutes"] == study.SMOKE["budget_minutes"]
+    assert 0 <= m["realism"]["synthetic"]["c2st"]["accuracy"] <= 1
+    # The pair of a seed: same seed and steps, and the synthetic pool is larger by sources a + b.
+    for k, aug in m["augmentation"].items():
+        real, mixed = aug["runs"]["real"], aug["runs"]["real+synthetic"]
+        assert [r["seed"] for r in real] == [r["seed"] for r in mixed] == [42, 43]
+        assert {r["steps"] for r in real + mixed} == {m["budget"]["segmenter_steps"]["augment"]}
+        synthetic = m["synthetic"][k]["a"]["tiles"] + m["synthetic"][k]["b"]["tiles"]
+        assert all(b["tiles"] == a["tiles"] + synthetic for a, b in zip(real, mixed))
+        difference = aug["summary"]["nuclei_dice"]["difference"]["mean"]
+        means = [aug["summary"]["nuclei_dice"][p]["mean"] for p in ("real", "real+synthetic")]
+        assert difference == pytest.approx(means[1] - means[0])
+    # Outputs on disk, each CoNIC folder readable as one.
+    out = smoke.out
+    for path in ("split.csv", "k50/split.csv", "reference/segmenter.pt", "k50/gan/checkpoints/last.pt",
+                 "realism/grid.png", "dice_vs_fraction.png", "study.json"):
+        assert (out / path).is_file(), path
+    for folder in ("k50/synthetic_a", "k50/synthetic_b", "k100/synthetic_b", "realism/synthetic_test"):
+        images, labels, names = open_conic(out / folder, check_data=True)
+        assert images.shape[1:] == (64, 64, 3) and len(names) == len(images) > 0
+    assert len(open_conic(out / "k50" / "synthetic_a")[2]) == m["split"]["labelled"]["50"]["tiles"]
+
+
+def test_smoke_report_and_table(smoke):
+    page = (smoke.out / "report.html").read_text()
+    for text in ("Does adding synthetic tiles help", "Do synthetic tiles look real", "follow their masks",
+                 "domain Fréchet distance", "domain kernel distance", "C2ST accuracy", "real vs real (floor)",
+                 "Dice per class", "mask | real | synthetic", "data:image/png;base64,", "Training and time",
+                 "python study.py"):
+        assert text in page, text
+    text = re.sub(r"src='data:[^']*'", "", page)
+    assert "FID" not in text.replace("not FID/KID", ""), "the domain distances must not be called FID"
+    lines = smoke.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "nucleus Dice real" in line)
+    assert lines[header + 1].split()[0] == "50%" and lines[header + 2].split()[0] == "100%"
+    assert "±" in lines[header + 1]
+    for text in ("ceiling (all", "realism (GAN 100%", "mask fidelity:", "wrote "):
+        assert any(line.startswith(text) for line in lines), text
+
+
+def test_labelled_split_is_inside_train_and_apart_from_test(smoke):
+    names = NAMES
+    train, test = read_split_file(smoke.out / "split.csv", names)
+    assert len(train) + len(test) == len(names) and not set(train) & set(test)
+    assert not {patch_source(names[i]) for i in train} & {patch_source(names[i]) for i in test}
+    previous = set()
+    for k in (50, 100):
+        labelled, held_out = read_split_file(smoke.out / f"k{k}" / "split.csv", names)
+        assert set(labelled) <= set(train) and not set(labelled) & set(test)
+        assert np.array_equal(held_out, test)
+        assert previous <= set(labelled), "a smaller fraction's tiles are all in the larger fraction's"
+        previous = set(labelled)
+    assert len(read_split_file(smoke.out / "k50" / "split.csv", names)[0]) == round(0.5 * len(train))
+    assert previous == set(train)
+
+
+def test_labelled_subsets_take_whole_sources_nested_and_seeded():
+    sizes = [7, 5, 4, 3, 3, 2, 1]
+    names = [f"s{s}-{i:03d}" for s, n in enumerate(sizes) for i in range(n)]
+    train = np.arange(len(names))
+    subsets = study.labelled_subsets(names, train, [10, 40, 100], seed=1)
+    assert [len(subsets[k]) for k in (10, 40, 100)] == [study.MIN_LABELLED_TILES, 10, 25]
+    assert set(subsets[10]) <= set(subsets[40]) <= set(subsets[100]) == set(train)
+    for k in (10, 40):
+        taken = {}
+        for i in subsets[k]:
+            taken[patch_source(names[i])] = taken.get(patch_source(names[i]), 0) + 1
+        partial = [s for s, n in taken.items() if n < sizes[int(s[1:])]]
+        assert len(partial) <= 1, f"{k}%: more than one source cut: {taken}"
+    again = study.labelled_subsets(names, train, [10, 40, 100], seed=1)
+    assert all(np.array_equal(subsets[k], again[k]) for k in subsets)
+    others = [study.labelled_subsets(names, train, [40], seed=s)[40] for s in range(2, 6)]
+    assert any(not np.array_equal(subsets[40], o) for o in others)
+
+
+def marker_times(out):
+    return {p.relative_to(out).as_posix(): p.stat().st_mtime_ns for p in out.rglob("done.json")}
+
+
+def test_rerun_skips_finished_stages(smoke, tiny_conic, run_script, tmp_path):
+    out = tmp_path / "S"
+    shutil.copytree(smoke.out, out)
+    before = marker_times(out)
+    assert len(before) == 17
+    for late in ("realism/done.json", "k100/augment/real_synthetic_s43/done.json"):
+        (out / late).unlink()
+    time.sleep(0.05)
+    result = run_script("study.py", *smoke_argv(tiny_conic, out, "--rare-class-weight", "4"), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    after = marker_times(out)
+    assert after.keys() == before.keys()
+    rerun = {name for name in before if after[name] != before[name]}
+    assert rerun == {"realism/done.json", "k100/augment/real_synthetic_s43/done.json"}
+    assert result.stdout.count("done already, skipped") == 15
+    assert "[realism] running" in result.stdout and "[k100/augment/real_synthetic_s43] running" in result.stdout
+    redone = json.loads((out / "metrics.json").read_text())
+    assert redone["seconds"]["k50/gan"] == smoke.metrics["seconds"]["k50/gan"]
+    assert redone["augmentation"]["50"] == smoke.metrics["augmentation"]["50"]
+
+
+def test_killed_study_resumes_its_gan_from_last_pt(tiny_conic, run_script, tmp_path):
+    out = tmp_path / "S"
+    argv = smoke_argv(tiny_conic, out, "--fractions", "100", "--seeds", "1", "--budget-minutes", "0.3")
+    proc = run_script.start("study.py", *argv)
+    plan = out / "k100" / "gan" / "plan.json"
+    deadline = time.monotonic() + 300
+    while not plan.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the epochs after the timed first one
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode in (143, -signal.SIGTERM), stderr[-3000:]
+    assert not (out / "k100" / "gan" / "done.json").exists() and (out / "k100" / "gan" / "checkpoints" / "last.pt").is_file()
+    epochs = json.loads(plan.read_text())["epochs"]
+    assert epochs >= 2
+
+    result = run_script("study.py", *argv, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[split] done already, skipped" in result.stdout and "[reference] done already, skipped" in result.stdout
+    assert "resumed from" in result.stdout + result.stderr
+    gan = json.loads((out / "metrics.json").read_text())["gan"]["100"]
+    # 18 training tiles at batch 2: 9 steps an epoch, whatever the interruption.
+    assert gan["epochs"] == epochs and gan["steps"] == 9 * epochs
+
+
+def test_help_lists_the_options_and_presets(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    for flag in ("--data-dir", "--out-dir", "--fractions", "--seeds", "--seed", "--budget-minutes", "--full", "--smoke",
+                 "--device", "--precision", "--rare-class-weight", "--overwrite", "split/", "realism/"):
+        assert flag in out, flag
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--fractions", "0"], "--fractions are percentages"),
+    (["--fractions", "10", "150"], "in (0, 100]; got 150"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--budget-minutes", "0"], "--budget-minutes must be positive"),
+])
+def test_bad_options_are_one_line(extra, message, tiny_conic, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(smoke_argv(tiny_conic, tmp_path / "S", *extra))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "S").exists()
+
+
+def test_bad_data_and_out_dirs_are_one_line(smoke, tiny_conic, tmp_path, capsys):
+    def refused(argv):
+        with pytest.raises(SystemExit) as exit_info:
+            study.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1, err
+        return err
+
+    assert "CoNIC data directory not found" in refused(smoke_argv(tmp_path / "nowhere", tmp_path / "S"))
+    (tmp_path / "partial").mkdir()
+    np.save(tmp_path / "partial" / "images.npy", np.zeros((2, 64, 64, 3), np.uint8))
+    assert "missing labels.npy, patch_info.csv" in refused(smoke_argv(tmp_path / "partial", tmp_path / "S"))
+    before = marker_times(smoke.out)
+    err = refused(smoke_argv(tiny_conic, smoke.out, "--fractions", "25", "100"))
+    assert "holds a study made with other options" in err and "fractions [50.0, 100.0] there, [25.0, 100.0] here" in err
+    assert marker_times(smoke.out) == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert "holds files but no study.json" in refused(smoke_argv(tiny_conic, tmp_path / "other"))
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_replaces_a_study_but_never_other_files(tmp_path, capsys):
+    old = tmp_path / "S"
+    (old / "k10").mkdir(parents=True)
+    (old / "study.json").write_text(json.dumps({"options": {"fractions": [10.0]}}))
+    (old / "k10" / "done.json").write_text("{}")
+    args = SimpleNamespace(out_dir=str(old), data_dir=str(tmp_path / "data"), overwrite=True)
+    assert study.claim_out_dir(args, {"fractions": [50.0]}) == old
+    assert [p.name for p in old.iterdir()] == ["study.json"]
+    assert json.loads((old / "study.json").read_text()) == {"options": {"fractions": [50.0]}}
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(study.UserError, match="holds files but no study.json"):
+        study.claim_out_dir(SimpleNamespace(out_dir=str(other), data_dir=str(tmp_path / "data"), overwrite=True), {})
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+# --------------------------------------------------------------------------- panoptic quality
+
+def instance_map(*boxes, shape=(12, 12)):
+    """An instance map with box k (y0, y1, x0, x1) holding id k + 1."""
+    out = np.zeros(shape, dtype=np.int32)
+    for k, (y0, y1, x0, x1) in enumerate(boxes):
+        out[y0:y1, x0:x1] = k + 1
+    return out
+
+
+TRUE = instance_map((0, 2, 0, 2), (4, 6, 0, 3), (8, 10, 8, 10))   # A 4 px, B 6 px, D 4 px
+
+
+def test_panoptic_quality_perfect_and_disjoint():
+    perfect = metrics.panoptic_quality(TRUE * 7, TRUE)  # ids need not agree
+    assert perfect == {"pq": 1.0, "sq": 1.0, "dq": 1.0, "tp": 3, "fp": 0, "fn": 0}
+    disjoint = metrics.panoptic_quality(instance_map((0, 2, 6, 8), (10, 12, 0, 2)), TRUE)
+    assert disjoint == {"pq": 0.0, "sq": None, "dq": 0.0, "tp": 0, "fp": 2, "fn": 3}
+    empty = np.zeros_like(TRUE)
+    assert metrics.panoptic_quality(empty, empty)["pq"] is None
+    assert metrics.panoptic_quality(empty, TRUE)["pq"] == 0.0
+
+
+def test_panoptic_quality_partial_case_by_hand():
+    # A exactly (IoU 1); 5 of B's 6 px (IoU 5/6); C, 3 px where nothing is (FP); D missed (FN).
+    pred = instance_map((0, 2, 0, 2), (4, 6, 0, 3), (0, 1, 6, 9))
+    pred[5, 2] = 0
+    result = metrics.panoptic_quality(pred, TRUE)
+    assert (result["tp"], result["fp"], result["fn"]) == (2, 1, 1)
+    assert result["sq"] == pytest.approx((1 + 5 / 6) / 2)
+    assert result["dq"] == pytest.approx(2 / 3)
+    assert result["pq"] == pytest.approx((1 + 5 / 6) / 3)
+    # IoU of exactly 0.5 is no match: half of A predicted.
+    half = metrics.panoptic_quality(instance_map((0, 1, 0, 2)), instance_map((0, 2, 0, 2)))
+    assert (half["tp"], half["fp"], half["fn"], half["pq"]) == (0, 1, 1, 0.0)
+    # Stacks pool their matches, ids are local to each map.
+    stacked = metrics.panoptic_quality(np.stack([pred, TRUE]), np.stack([TRUE, TRUE]))
+    assert (stacked["tp"], stacked["fp"], stacked["fn"]) == (5, 1, 1)
+    assert stacked["pq"] == pytest.approx((1 + 5 / 6 + 3) / 6)
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.panoptic_quality(pred[:5], TRUE)
+
+
+def test_segmentation_scores_of_a_perfect_prediction():
+    classes = np.zeros((1, 12, 12), np.uint8)
+    instances = TRUE[None].copy()
+    classes[instances > 0] = 2
+    classes[0][TRUE == 3] = 5   # D is an eosinophil
+    scores = study.segmentation_scores(classes, study.Tiles(None, classes, instances, ["t"]))
+    assert scores["dice"]["Nuclei"] == 1.0 and scores["dice"]["Epithelial"] == 1.0
+    assert scores["pq"] == {"Nuclei": 1.0, "Neutrophil": None, "Epithelial": 1.0, "Lymphocyte": None, "Plasma": None,
+                            "Eosinophil": 1.0, "Connective": None}
+    assert scores["mpq"] == 1.0
+    # Predicted instances are the connected pieces of each class: two touching nuclei of one class merge.
+    merged = classes.copy()
+    merged[0, 2:4, 0:2] = 2   # joins A to B
+    assert study.segmentation_scores(merged, study.Tiles(None, classes, instances, ["t"]))["pq"]["Nuclei"] < 0.5
+
+
+# --------------------------------------------------------------------------- real tiles
+
+@pytest.mark.skipif(not (LIZARD / "images.npy").is_file(), reason=f"lizard_128 not found under {LIZARD}")
+def test_smoke_study_on_lizard_128(run_script, tmp_path):
+    out = tmp_path / "S"
+    result = run_script("study.py", *smoke_argv(LIZARD, out, "--fractions", "5", "10", "--seeds", "1"), timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["split"]["train"]["tiles"] + m["split"]["test"]["tiles"] == 1045
+    assert m["split"]["labelled"]["5"]["tiles"] == round(0.05 * m["split"]["train"]["tiles"])
+    assert m["realism"]["tiles"] == m["split"]["test"]["tiles"]
+    assert m["synthetic"]["10"]["b"]["nuclei"]["Epithelial"] > 0
+    assert "mask fidelity:" in result.stdout
