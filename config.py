@@ -18,7 +18,9 @@ L1_LAMBDA = 75.0
 REAL_LABEL_RANGE = (0.7, 1.2)   # positive labels for D drawn uniformly from this range
 FAKE_LABEL_RANGE = (0.0, 0.3)   # negative labels for D drawn uniformly from this range
 
-# Networks
+# Networks (the defaults are pix2pix's; README "Generators and discriminators" has the others)
+GENERATOR, GENERATORS = "unet", ("unet", "spade")
+DISCRIMINATOR, DISCRIMINATORS = "patch", ("patch", "multiscale", "oasis")
 NGF = 64
 NDF = 64
 NORM = "batch"
@@ -122,14 +124,14 @@ def add_model_args(p):
                    help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
                         "8 for 256 px and larger), as pix2pix's unet_128 / unet_256; with --generator spade it "
                         "sets only the tile test.py generates in (2**depth px)")
-    g.add_argument("--generator", default="unet", choices=["unet", "spade"],
+    g.add_argument("--generator", default=GENERATOR, choices=GENERATORS,
                    help="unet: pix2pix's U-Net on the one-hot mask; spade: a SPADE residual generator (the mask, "
                         "resized to each block, predicts per-pixel scale and bias of a parameter-free --norm), "
                         "upsampled 5 times from a grid of the input's size / 32")
     g.add_argument("--noise-dim", type=int, default=0,
                    help="spade: length of a per-image noise vector broadcast over the image and concatenated to "
                         "the mask (OASIS's 3D noise), for varied images per mask; 0 = no noise")
-    g.add_argument("--discriminator", default="patch", choices=["patch", "multiscale", "oasis"],
+    g.add_argument("--discriminator", default=DISCRIMINATOR, choices=DISCRIMINATORS,
                    help="patch: pix2pix's 70x70 PatchGAN (BCE, smoothed labels); multiscale: PatchGANs at "
                         "--num-d-scales scales (pix2pixHD; --gan-loss, --feat-match-lambda); oasis: a U-Net "
                         "segmenter on the image with N classes + 'fake' per pixel (class-balanced cross-entropy, "

@@ -59,8 +59,8 @@ from gan import generate, load_generator, read_checkpoint
 from generator_model import depth_for_tile
 from runtime import (SeededSampler, autocast_context, loader_workers, make_loader, make_optimizer,
                      resolve_channels_last, resolve_device, resolve_precision)
-from segmenter import CHECKPOINT_KIND, CHECKPOINT_VERSION, build_segmenter, load_segmenter, segmentation_loss
-from train_segmenter import to_device
+from segmenter import CHECKPOINT_KIND, CHECKPOINT_VERSION, build_segmenter, load_segmenter
+from train_segmenter import train_step
 from utils import (UserError, atomic_save_figure, atomic_save_npy, atomic_save_png, atomic_save_text,
                    atomic_save_torch, run_main, seed_everything, within)
 
@@ -96,8 +96,9 @@ SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, ngf=8, ndf=8, se
              threads=1, out_dir="runs/study_smoke")
 FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
 # What makes two studies the same study (S/study.json); device and speed options are not among them.
-STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", "ngf", "ndf", "segmenter_width",
-                 "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs")
+STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", "ngf", "ndf", "generator",
+                 "discriminator", "noise_dim", "segmenter_width", "segmenter_batch_size", "synthetic",
+                 "layouts_per_tile", "rare_class_weight", "c2st_epochs")
 
 
 def parser():
@@ -130,6 +131,11 @@ def parser():
                         + ", ".join(f"{share:g} x this ({name})" for name, share in SEGMENTER_SHARES.items()))
     g.add_argument("--ngf", type=int, default=GAN_WIDTH, help="generator width")
     g.add_argument("--ndf", type=int, default=GAN_WIDTH, help="discriminator width")
+    g.add_argument("--generator", default=config.GENERATOR, choices=config.GENERATORS,
+                   help="the GAN's generator (train_conic.py --generator)")
+    g.add_argument("--discriminator", default=config.DISCRIMINATOR, choices=config.DISCRIMINATORS,
+                   help="the GAN's discriminator (train_conic.py --discriminator)")
+    g.add_argument("--noise-dim", type=int, default=0, help="spade: per-image noise (train_conic.py --noise-dim)")
     g.add_argument("--segmenter-width", type=int, default=SEGMENTER_WIDTH, help="U-Net segmenter width")
     g.add_argument("--segmenter-batch-size", type=int, default=SEGMENTER_BATCH_SIZE, help="segmenter batch size")
     g.add_argument("--c2st-epochs", type=int, default=C2ST_EPOCHS, help="epochs of each C2ST classifier")
@@ -323,14 +329,7 @@ def train_segmenter(study, dataset, steps, seed):
         for labels, image in loader:
             for group in opt.param_groups:
                 group["lr"] = config.SEGMENTER_LR * 0.5 * (1 + math.cos(math.pi * step / steps))
-            x, target = to_device(labels, image, study.device, study.channels_last)
-            with study.autocast:
-                logits = model(x)
-            loss = segmentation_loss(logits, target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
+            train_step(model, opt, scaler, labels, image, study.device, study.channels_last, study.autocast)
             step += 1
             if step == steps:
                 return model.eval()
@@ -401,7 +400,9 @@ def gan_stage(study, k):
 
     def train(epochs):
         argv = ["--data-dir", args.data_dir, "--split-file", study.kdir(k) / "split.csv", "--out-dir", last.parents[1],
-                "--label-set", CONIC.name, "--ngf", args.ngf, "--ndf", args.ndf, "--epochs", epochs, "--seed", args.seed,
+                "--label-set", CONIC.name, "--ngf", args.ngf, "--ndf", args.ndf, "--generator", args.generator,
+                "--discriminator", args.discriminator, "--noise-dim", args.noise_dim, "--epochs", epochs,
+                "--seed", args.seed,
                 "--wandb", "disabled", "--save-every", 0, "--num-samples", GAN_SAMPLES, "--device", args.device,
                 "--precision", args.precision, "--workers", args.workers]
         if args.channels_last is not None:
@@ -440,7 +441,8 @@ def paint(study, checkpoint, classes):
     tiles = []
     for start in range(0, len(classes), BATCH):
         mask = labels_to_onehot(torch.from_numpy(classes[start:start + BATCH]).to(study.device), num_classes)
-        tiles += [to_uint8_image(fake) for fake in generate(generator, mask, study.autocast, "eval")]
+        seeds = range(start, start + len(mask))  # distinct noise per tile for noise generators
+        tiles += [to_uint8_image(fake) for fake in generate(generator, mask, study.autocast, "eval", seeds)]
     return np.stack(tiles)
 
 

@@ -95,6 +95,19 @@ def to_device(labels, image, device, channels_last):
     return x, labels.to(device, non_blocking=True).long()
 
 
+def train_step(model, opt, scaler, labels, image, device, channels_last, autocast):
+    """One optimiser step on a batch of (labels, image) items; returns the detached loss."""
+    x, target = to_device(labels, image, device, channels_last)
+    with autocast:
+        logits = model(x)
+    loss = segmentation_loss(logits, target)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
 def pannuke_datasets(args):
     return (build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train"),
             build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test"))
@@ -167,15 +180,8 @@ def train(args, resume, info, device, channels_last):
         sums = torch.zeros(2, device=device)  # [loss sum, batches]
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main, dynamic_ncols=True)
         for step, (labels, image) in enumerate(bar, start=1):
-            x, target = to_device(labels, image, device, channels_last)
-            with autocast:
-                logits = model(x)
-            loss = segmentation_loss(logits, target)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sums += torch.stack([loss.detach(), torch.ones((), device=device)])
+            loss = train_step(model, opt, scaler, labels, image, device, channels_last, autocast)
+            sums += torch.stack([loss, torch.ones((), device=device)])
             if step % config.LOG_EVERY_STEPS == 0:  # reading the loss syncs the device: not every step
                 bar.set_postfix(loss=f"{(sums[0] / sums[1]).item():.4f}")
         bar.close()

@@ -242,6 +242,16 @@ def train_in_process():
 
 
 @pytest.fixture(scope="session")
+def train_conic_in_process():
+    """train_conic_in_process(argv) runs train_conic.main in this process, like train_in_process."""
+    def run(argv):
+        import train_conic
+        with preserved_signal_handlers():
+            train_conic.main(list(map(str, argv)))
+    return run
+
+
+@pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, pannuke_folds):
     """checkpoints/last.pt of a one-step run (ngf 8, ndf 8) trained on fold 3's Colon patches."""
     import train_pannuke

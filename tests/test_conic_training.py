@@ -44,17 +44,6 @@ def conic_run(tmp_path_factory, conic_128, train_conic_in_process):
     return out
 
 
-@pytest.fixture(scope="module")
-def train_conic_in_process():
-    from conftest import preserved_signal_handlers
-
-    def run(argv):
-        import train_conic
-        with preserved_signal_handlers():
-            train_conic.main(list(map(str, argv)))
-    return run
-
-
 def test_conic_run_records_label_set_depth_and_split(conic_run, conic_128):
     ckpt = load(conic_run.joinpath(*CKPT))
     assert ckpt["model_config"]["label_set"] == "conic" and ckpt["model_config"]["unet_depth"] == 7

@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import preserved_signal_handlers
 from conic_fixtures import make_conic
 from test_training import assert_same_training_state
 
@@ -185,15 +184,6 @@ def conic_64(tmp_path_factory):
     """A CoNIC folder of 14 consistent 64-px patches (U-Net depth 6)."""
     root, _, _ = make_conic(tmp_path_factory.mktemp("conic") / "data", size=64, n_nuclei=10)
     return root
-
-
-@pytest.fixture(scope="module")
-def train_conic_in_process():
-    def run(argv):
-        import train_conic
-        with preserved_signal_handlers():
-            train_conic.main(list(map(str, argv)))
-    return run
 
 
 def conic_argv(data_dir, out_dir, *extra, epochs=1):

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from conic_fixtures import make_conic
 
 import metrics
@@ -344,3 +345,16 @@ def test_smoke_study_on_lizard_128(run_script, tmp_path):
     assert m["realism"]["tiles"] == m["split"]["test"]["tiles"]
     assert m["synthetic"]["10"]["b"]["nuclei"]["Epithelial"] > 0
     assert "mask fidelity:" in result.stdout
+
+
+def test_study_trains_the_chosen_generator_and_discriminator(tiny_conic, run_script, tmp_path):
+    """--generator/--discriminator/--noise-dim reach the GANs the study trains, so
+    the study can compare combinations at equal budget."""
+    out = tmp_path / "spade"
+    argv = smoke_argv(tiny_conic, out, "--generator", "spade", "--discriminator", "oasis", "--noise-dim", "4",
+                      "--fractions", "100", "--seeds", "1")
+    result = run_script("study.py", *argv, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = torch.load(out / "k100" / "gan" / "checkpoints" / "last.pt", weights_only=True)["model_config"]
+    assert (model["generator"], model["discriminator"], model["noise_dim"]) == ("spade", "oasis", 4)
+    assert json.loads((out / "study.json").read_text())["options"]["generator"] == "spade"
