@@ -74,6 +74,9 @@ NUCLEI_COPIED = 5             # nuclei pasted into each new layout (dataset.layo
 RARE_CLASS_WEIGHT = 1.0       # how much more often copy_nuclei draws a rare class's nuclei (1: as often)
 RARE_SHARE = 0.05             # a class with under this share of the labelled nuclei is rare
 POOLS = ("real", "real+synthetic")
+DIVERSITY_SAMPLES = 3         # paintings per test mask for the diversity score
+DIVERSITY_MASKS = 32          # test masks (those with most nuclei) it is measured on
+DIVERSITY_SEED_STEP = 1_000_003  # seed offset between a mask's paintings
 
 # Budget: every GAN gets --budget-minutes; each segmenter run a share of it, as a fixed number of steps.
 BUDGET_MINUTES = 12.0
@@ -433,15 +436,16 @@ def gan_stage(study, k):
 # --------------------------------------------------------------------------- 4. synthetic tiles
 
 @torch.no_grad()
-def paint(study, checkpoint, classes):
+def paint(study, checkpoint, classes, first_seed=0):
     """uint8 (N, H, W, 3) tiles painted from (N, H, W) class maps by a checkpoint's generator in eval mode
-    (running BatchNorm statistics, no dropout: a tile does not depend on its batch)."""
+    (running BatchNorm statistics, no dropout: a tile does not depend on its batch); tile i's noise, for
+    generators that take noise, is seeded from first_seed + i."""
     generator, ckpt = load_generator(checkpoint, study.device)
     num_classes = get_label_set(ckpt["model_config"]["label_set"]).num_classes
     tiles = []
     for start in range(0, len(classes), BATCH):
         mask = labels_to_onehot(torch.from_numpy(classes[start:start + BATCH]).to(study.device), num_classes)
-        seeds = range(start, start + len(mask))  # distinct noise per tile for noise generators
+        seeds = range(first_seed + start, first_seed + start + len(mask))
         tiles += [to_uint8_image(fake) for fake in generate(generator, mask, study.autocast, "eval", seeds)]
     return np.stack(tiles)
 
@@ -520,6 +524,17 @@ def ratio(a, b):
     return a / b if a is not None and b else None
 
 
+def sample_diversity(study, checkpoint, classes, model):
+    """Mean pairwise distance, in the reference segmenter's pooled features, between DIVERSITY_SAMPLES
+    paintings of each mask with different seeds: 0 for a generator that paints a mask one way only
+    (pix2pix in eval mode), above 0 when noise makes the paintings differ."""
+    features = torch.stack([segmenter_features(model, paint(study, checkpoint, classes, j * DIVERSITY_SEED_STEP),
+                                               study.device) for j in range(DIVERSITY_SAMPLES)], 1)  # (masks, K, D)
+    k = features.shape[1]
+    return {"samples_per_mask": k, "masks": len(classes),
+            "mean_pairwise_feature_distance": float(torch.cdist(features, features).sum((1, 2)).mean() / (k * (k - 1)))}
+
+
 def realism_stage(study, reference):
     """The test masks painted by the GAN of the largest k. Realism: every score compares the real tiles of
     one half of the test masks (metrics.real_vs_real_split) with the other half, painted or real (the floor),
@@ -541,10 +556,12 @@ def realism_stage(study, reference):
                          "domain_frechet_distance": metrics.frechet_distance(real_features[half_a], features[half_b]),
                          "domain_kernel_distance": {"mean": kernel_mean, "std": kernel_std}}
     synthetic, real = segmentation_scores(predict(study, model, fake), test), reference["test"]
-    shown = np.argsort(-(test.classes != CONIC.background).sum((1, 2)), kind="stable")[:GRID_ROWS]  # most nuclei
-    rows = [[labels_to_rgb(test.classes[i], CONIC), test.images[i], fake[i]] for i in shown]
+    most_nuclei = np.argsort(-(test.classes != CONIC.background).sum((1, 2)), kind="stable")
+    rows = [[labels_to_rgb(test.classes[i], CONIC), test.images[i], fake[i]] for i in most_nuclei[:GRID_ROWS]]
     atomic_save_png(grid(rows), folder / "grid.png")
+    diversity = sample_diversity(study, study.gan_checkpoint(k), test.classes[most_nuclei[:DIVERSITY_MASKS]], model)
     return {"gan": f"{k:g}", "tiles": len(fake), "halves": [len(half_a), len(half_b)], **realism,
+            "diversity": diversity,
             "mask_fidelity": {"synthetic": synthetic, "ratio": {
                 "nuclei_dice": ratio(synthetic["dice"]["Nuclei"], real["dice"]["Nuclei"]),
                 "mean_dice_types": ratio(synthetic["mean_dice_types"], real["mean_dice_types"]),
@@ -623,7 +640,9 @@ def realism_rows(result):
     sides = [result["realism"][side] for side in ("synthetic", "real_vs_real")]
     return [["C2ST accuracy (0.5: indistinguishable)", *(fmt(s["c2st"] and s["c2st"]["accuracy"]) for s in sides)],
             ["domain Fréchet distance", *(fmt(s["domain_frechet_distance"], 4) for s in sides)],
-            ["domain kernel distance", *(fmt(s["domain_kernel_distance"]["mean"], 4) for s in sides)]]
+            ["domain kernel distance", *(fmt(s["domain_kernel_distance"]["mean"], 4) for s in sides)],
+            [f"diversity ({result['realism']['diversity']['samples_per_mask']} paintings per mask, 0: identical)",
+             fmt(result["realism"]["diversity"]["mean_pairwise_feature_distance"], 4), fmt(None)]]
 
 
 def augmentation_section(result, folder):

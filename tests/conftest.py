@@ -346,3 +346,19 @@ def assert_augmentation_keeps_alignment(plain, aug, index, colours, size):
         assert torch.equal(again[0], labels) and torch.equal(again[1], image)
     assert len(seen) >= 3 and seen != {0}, "different seeds should give different flips/rotations"
     return labels0
+
+
+def vivid_checkpoint(path, out):
+    """A copy of the checkpoint whose generator has PyTorch's default init: two epochs
+    from pix2pix's N(0, 0.02) still paint every image the same grey in uint8, which
+    would hide whether the samples differ."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    from gan import build_generator
+    generator = build_generator(ckpt["model_config"])
+    torch.manual_seed(0)
+    for module in generator.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            module.reset_parameters()
+    ckpt["generator"] = generator.state_dict()
+    torch.save(ckpt, out)
+    return out

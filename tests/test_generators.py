@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import vivid_checkpoint
 from conic_fixtures import make_conic
 from test_training import assert_same_training_state
 
@@ -241,21 +242,6 @@ def test_resume_refuses_another_architecture(flags, named, resumed_runs, conic_6
 
 def sample_trees(out, k):
     return [open_conic(out / f"sample_{i}", check_data=True) for i in range(1, k + 1)]
-
-
-def vivid_checkpoint(path, out):
-    """A copy of the checkpoint whose generator has PyTorch's default init: two epochs
-    from pix2pix's N(0, 0.02) still paint every image the same grey in uint8, which
-    would hide whether the samples differ."""
-    ckpt = load(path)
-    generator = build_generator(ckpt["model_config"])
-    torch.manual_seed(0)
-    for module in generator.modules():
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-            module.reset_parameters()
-    ckpt["generator"] = generator.state_dict()
-    torch.save(ckpt, out)
-    return out
 
 
 def test_samples_per_mask_writes_k_reproducible_trees(resumed_runs, test_script, tmp_path, one_thread):

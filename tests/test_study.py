@@ -3,6 +3,7 @@ report.html, in under two minutes), a re-run that skips finished stages, a study
 GAN trains that resumes it from its last.pt, the labelled k% split inside the training split and
 apart from the test split, refusals as one line; metrics.panoptic_quality by hand; and the smoke
 on real lizard_128 tiles when they are present."""
+import contextlib
 import json
 import re
 import shutil
@@ -14,11 +15,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import vivid_checkpoint
 from conic_fixtures import make_conic
 
 import metrics
 import study
-from dataset.conic import open_conic, patch_source, read_split_file
+from dataset.conic import CoNIC, open_conic, patch_source, read_split_file
+from segmenter import load_segmenter
 
 LIZARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "lizard_128"
 NAMES = [f"src{s}-{i:04d}" for s in range(8) for i in range(3)]   # 8 source images of 3 tiles each
@@ -72,7 +75,8 @@ FIELDS = ["command", "options.fractions", "options.seeds_used", "options.data_di
           "realism.synthetic.domain_frechet_distance", "realism.real_vs_real.domain_frechet_distance",
           "realism.synthetic.domain_kernel_distance.mean", "realism.real_vs_real.domain_kernel_distance.std",
           "realism.mask_fidelity.synthetic.dice.Nuclei", "realism.mask_fidelity.synthetic.pq.Nuclei",
-          "realism.mask_fidelity.ratio.nuclei_dice", "realism.mask_fidelity.ratio.nuclei_pq"]
+          "realism.mask_fidelity.ratio.nuclei_dice", "realism.mask_fidelity.ratio.nuclei_pq",
+          "realism.diversity.mean_pairwise_feature_distance"]
 FIELDS += [f"augmentation.{k}.summary.{m}.{pool}.{s}" for k in ("50", "100")
            for m in ("nuclei_dice", "mean_dice_types", "nuclei_pq", "mpq")
            for pool in ("real", "real+synthetic", "difference") for s in ("mean", "sd")]
@@ -358,3 +362,22 @@ def test_study_trains_the_chosen_generator_and_discriminator(tiny_conic, run_scr
     model = torch.load(out / "k100" / "gan" / "checkpoints" / "last.pt", weights_only=True)["model_config"]
     assert (model["generator"], model["discriminator"], model["noise_dim"]) == ("spade", "oasis", 4)
     assert json.loads((out / "study.json").read_text())["options"]["generator"] == "spade"
+    assert json.loads((out / "metrics.json").read_text())["realism"]["diversity"]["samples_per_mask"] == 3
+    # A smoke GAN paints every tile the same grey in uint8; with PyTorch's default init
+    # instead, noise makes a mask's paintings differ, and pix2pix in eval mode does not.
+    s = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    reference, _ = load_segmenter(out / "reference" / "segmenter.pt", s.device)
+    data = CoNIC(tiny_conic)
+    classes = np.stack([data.classes(i) for i in range(4)])
+    noisy = vivid_checkpoint(out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "spade.pt")
+    assert study.sample_diversity(s, noisy, classes, reference)["mean_pairwise_feature_distance"] > 0
+
+
+def test_pix2pix_scores_zero_diversity(smoke, tiny_conic, tmp_path):
+    assert smoke.metrics["realism"]["diversity"]["mean_pairwise_feature_distance"] == 0
+    s = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext())
+    reference, _ = load_segmenter(smoke.out / "reference" / "segmenter.pt", s.device)
+    data = CoNIC(tiny_conic)
+    classes = np.stack([data.classes(i) for i in range(4)])
+    vivid = vivid_checkpoint(smoke.out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "unet.pt")
+    assert study.sample_diversity(s, vivid, classes, reference)["mean_pairwise_feature_distance"] == 0
