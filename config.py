@@ -20,6 +20,7 @@ FAKE_LABEL_RANGE = (0.0, 0.3)   # negative labels for D drawn uniformly from thi
 
 # Networks (the defaults are pix2pix's; README "Generators and discriminators" has the others)
 GENERATOR, GENERATORS = "unet", ("unet", "spade")
+UPSAMPLE, UPSAMPLES = "transpose", ("transpose", "resize")
 DISCRIMINATOR, DISCRIMINATORS = "patch", ("patch", "multiscale", "oasis")
 NGF = 64
 NDF = 64
@@ -75,7 +76,7 @@ RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_sc
                "split_file", "test_fraction", "label_set",
                "ngf", "ndf", "norm", "dropout", "unet_depth", "batch_size", "lr", "beta1", "beta2", "scale_lr",
                "l1_lambda", "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed",
-               "generator", "noise_dim", "discriminator", "num_d_scales", "gan_loss", "feat_match_lambda",
+               "generator", "upsample", "noise_dim", "discriminator", "num_d_scales", "gan_loss", "feat_match_lambda",
                "labelmix_lambda")
 
 # `--demo`: small enough to train in about two minutes on 2 CPU cores.
@@ -128,6 +129,10 @@ def add_model_args(p):
                    help="unet: pix2pix's U-Net on the one-hot mask; spade: a SPADE residual generator (the mask, "
                         "resized to each block, predicts per-pixel scale and bias of a parameter-free --norm), "
                         "upsampled 5 times from a grid of the input's size / 32")
+    g.add_argument("--upsample", default=UPSAMPLE, choices=UPSAMPLES,
+                   help="unet: how the decoder doubles the resolution: transpose = pix2pix's 4x4 stride-2 transposed "
+                        "convolutions; resize = nearest-neighbour x2 then a 3x3 convolution, free of the checkerboard "
+                        "(grid of dots) transposed convolutions leave")
     g.add_argument("--noise-dim", type=int, default=0,
                    help="spade: length of a per-image noise vector broadcast over the image and concatenated to "
                         "the mask (OASIS's 3D noise), for varied images per mask; 0 = no noise")

@@ -47,7 +47,7 @@ def model_config(cfg, labels, tile):
     config = dict(ngf=cfg.ngf, ndf=cfg.ndf, norm=cfg.norm, label_set=labels.name, unet_depth=depth,
                   generator=cfg.generator, discriminator=cfg.discriminator, noise_dim=cfg.noise_dim)
     if cfg.generator == "unet":
-        config["dropout"] = cfg.dropout
+        config.update(dropout=cfg.dropout, upsample=cfg.upsample)
     if cfg.discriminator == "multiscale":
         config["num_d_scales"] = cfg.num_d_scales
     return config
@@ -62,9 +62,13 @@ def check_model_config(model_cfg):
 
 def with_model_defaults(model_config):
     """Checkpoints from before label sets and depths were recorded are PanNuke, depth 8;
-    from before the architectures were, a U-Net without noise and a PatchGAN."""
-    return {"label_set": PANNUKE.name, "unet_depth": NUM_DOWNSAMPLINGS, "generator": "unet", "discriminator": "patch",
-            "noise_dim": 0, **model_config}
+    from before the architectures were, a U-Net without noise and a PatchGAN; from
+    before the U-Net's upsampling was, transposed convolutions."""
+    config = {"label_set": PANNUKE.name, "unet_depth": NUM_DOWNSAMPLINGS, "generator": "unet",
+              "discriminator": "patch", "noise_dim": 0, **model_config}
+    if config["generator"] == "unet":
+        config.setdefault("upsample", "transpose")
+    return config
 
 
 def num_classes(model_cfg):
@@ -77,7 +81,7 @@ def build_generator(cfg):
         return init_weights(SPADEGenerator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"],
                                            noise_dim=cfg["noise_dim"]))
     return init_weights(Generator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"], dropout=cfg["dropout"],
-                                  num_downs=cfg["unet_depth"]))
+                                  num_downs=cfg["unet_depth"], upsample=cfg["upsample"]))
 
 
 def build_discriminator(cfg):

@@ -5,7 +5,11 @@ bottleneck, as the reference implementation's unet_256 (8) and unet_128 (7): the
 depth follows the training tile (`depth_for_tile`), and inputs must be multiples of
 2**num_downs (test.py pads or tiles larger images). Each decoder block gets the
 matching encoder output as a skip connection; the first three decoder blocks use
-dropout, which is pix2pix's only source of noise.
+dropout, which is pix2pix's only source of noise. The decoder upsamples by 4x4
+stride-2 transposed convolutions (pix2pix's), or with `upsample="resize"` by
+nearest-neighbour x2 then a 3x3 convolution (Odena et al. 2016, "Deconvolution and
+checkerboard artifacts"): every output pixel then gets the same number of kernel
+taps, which removes the regular grid of dots transposed convolutions leave.
 
 `SPADEGenerator` (Park et al. 2019, with OASIS's optional noise, Schonfeld et al.
 2021) is the alternative: residual blocks upsampled from a small grid, each
@@ -57,10 +61,20 @@ class DownBlock(nn.Module):
         return self.block(x)
 
 
+def upsampling_conv(cin, cout, upsample, bias=True):
+    """A x2 upsampling convolution: transposed (4x4, stride 2) or resize (nearest x2, then 3x3)."""
+    if upsample == "transpose":
+        return nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=bias)
+    if upsample == "resize":
+        return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                             nn.Conv2d(cin, cout, 3, 1, 1, bias=bias, padding_mode="reflect"))
+    raise ValueError(f"unknown upsample {upsample!r}; expected 'transpose' or 'resize'")
+
+
 class UpBlock(nn.Module):
-    def __init__(self, cin, cout, norm, dropout):
+    def __init__(self, cin, cout, norm, dropout, upsample):
         super().__init__()
-        layers = [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=norm == "instance"), make_norm(norm, cout), nn.ReLU()]
+        layers = [upsampling_conv(cin, cout, upsample, bias=norm == "instance"), make_norm(norm, cout), nn.ReLU()]
         if dropout:
             layers.append(nn.Dropout(0.5))
         self.block = nn.Sequential(*layers)
@@ -73,7 +87,7 @@ class Generator(nn.Module):
     noise_dim = 0  # its only noise is dropout
 
     def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", dropout=True,
-                 num_downs=NUM_DOWNSAMPLINGS):
+                 num_downs=NUM_DOWNSAMPLINGS, upsample="transpose"):
         super().__init__()
         self.size_multiple = 2 ** num_downs
         widths = [ngf * min(2 ** i, 8) for i in range(num_downs - 1)]  # [1, 2, 4, 8, 8, ...] * ngf
@@ -84,10 +98,10 @@ class Generator(nn.Module):
         self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1], ngf * 8, 4, 2, 1, padding_mode="reflect"), nn.ReLU())
         # Decoder: num_downs - 1 blocks (1 -> 128 at depth 8); from the second on, input is concatenated with the skip.
         rev = widths[::-1]  # [..., 8, 8, 4, 2, 1] * ngf
-        self.ups = nn.ModuleList([UpBlock(ngf * 8, rev[0], norm, dropout)])
+        self.ups = nn.ModuleList([UpBlock(ngf * 8, rev[0], norm, dropout, upsample)])
         for i in range(1, len(rev)):
-            self.ups.append(UpBlock(rev[i - 1] * 2, rev[i], norm, dropout and i < 3))
-        self.final = nn.Sequential(nn.ConvTranspose2d(widths[0] * 2, out_channels, 4, 2, 1), nn.Tanh())
+            self.ups.append(UpBlock(rev[i - 1] * 2, rev[i], norm, dropout and i < 3, upsample))
+        self.final = nn.Sequential(upsampling_conv(widths[0] * 2, out_channels, upsample), nn.Tanh())
 
     def forward(self, x):
         skips = []

@@ -55,7 +55,7 @@ from dataset.layouts import new_layouts, relabel_instances
 from dataset.masks import CONIC, get_label_set, labels_to_onehot, labels_to_rgb
 from evaluate import data_uri, fmt, grid, segmenter_features, table
 from figures import to_uint8_image
-from gan import generate, load_generator, read_checkpoint
+from gan import build_discriminator, build_generator, generate, load_generator, read_checkpoint
 from generator_model import depth_for_tile
 from runtime import (SeededSampler, autocast_context, loader_workers, make_loader, make_optimizer,
                      resolve_channels_last, resolve_device, resolve_precision)
@@ -100,8 +100,8 @@ SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, ngf=8, ndf=8, se
 FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
 # What makes two studies the same study (S/study.json); device and speed options are not among them.
 STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", "ngf", "ndf", "generator",
-                 "discriminator", "noise_dim", "segmenter_width", "segmenter_batch_size", "synthetic",
-                 "layouts_per_tile", "rare_class_weight", "c2st_epochs")
+                 "upsample", "discriminator", "noise_dim", "l1_lambda", "segmenter_width", "segmenter_batch_size",
+                 "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs")
 
 
 def parser():
@@ -138,7 +138,11 @@ def parser():
                    help="the GAN's generator (train_conic.py --generator)")
     g.add_argument("--discriminator", default=config.DISCRIMINATOR, choices=config.DISCRIMINATORS,
                    help="the GAN's discriminator (train_conic.py --discriminator)")
+    g.add_argument("--upsample", default=config.UPSAMPLE, choices=config.UPSAMPLES,
+                   help="unet: the decoder's upsampling (train_conic.py --upsample)")
     g.add_argument("--noise-dim", type=int, default=0, help="spade: per-image noise (train_conic.py --noise-dim)")
+    g.add_argument("--l1-lambda", type=float, default=config.L1_LAMBDA,
+                   help="weight of the GAN's L1 loss (train_conic.py --l1-lambda; OASIS trains with 0)")
     g.add_argument("--segmenter-width", type=int, default=SEGMENTER_WIDTH, help="U-Net segmenter width")
     g.add_argument("--segmenter-batch-size", type=int, default=SEGMENTER_BATCH_SIZE, help="segmenter batch size")
     g.add_argument("--c2st-epochs", type=int, default=C2ST_EPOCHS, help="epochs of each C2ST classifier")
@@ -404,7 +408,8 @@ def gan_stage(study, k):
     def train(epochs):
         argv = ["--data-dir", args.data_dir, "--split-file", study.kdir(k) / "split.csv", "--out-dir", last.parents[1],
                 "--label-set", CONIC.name, "--ngf", args.ngf, "--ndf", args.ndf, "--generator", args.generator,
-                "--discriminator", args.discriminator, "--noise-dim", args.noise_dim, "--epochs", epochs,
+                "--upsample", args.upsample, "--discriminator", args.discriminator, "--noise-dim", args.noise_dim,
+                "--l1-lambda", args.l1_lambda, "--epochs", epochs,
                 "--seed", args.seed,
                 "--wandb", "disabled", "--save-every", 0, "--num-samples", GAN_SAMPLES, "--device", args.device,
                 "--precision", args.precision, "--workers", args.workers]
@@ -429,8 +434,15 @@ def gan_stage(study, k):
     if checkpoint_progress(last)[0] < plan["epochs"]:
         seconds += train(plan["epochs"])
     epochs, steps = checkpoint_progress(last)
+    model_config = read_checkpoint(last)["model_config"]
     return {"tiles": len(study.split(k)[0]), "epochs": epochs, "steps": steps, "epoch_seconds": plan["epoch_seconds"],
-            "train_seconds": seconds, "checkpoint": str(last.relative_to(study.out))}
+            "train_seconds": seconds, "checkpoint": str(last.relative_to(study.out)), "model_config": model_config,
+            "parameters": {"generator": parameter_count(build_generator(model_config)),
+                           "discriminator": parameter_count(build_discriminator(model_config))}}
+
+
+def parameter_count(model):
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------- 4. synthetic tiles
@@ -542,7 +554,9 @@ def realism_stage(study, reference):
     against its scores on the real ones (the ceiling)."""
     args, test, folder = study.args, study.test, study.out / "realism"
     k = max(args.fractions)
+    started = time.perf_counter()
     fake = paint(study, study.gan_checkpoint(k), test.classes)
+    paint_seconds = time.perf_counter() - started
     write_tiles(folder / "synthetic_test", fake, test.classes, test.instances, test.names)
     model, _ = load_segmenter(study.out / "reference" / "segmenter.pt", study.device)
     half_a, half_b = metrics.real_vs_real_split(len(fake), args.seed)
@@ -560,7 +574,8 @@ def realism_stage(study, reference):
     rows = [[labels_to_rgb(test.classes[i], CONIC), test.images[i], fake[i]] for i in most_nuclei[:GRID_ROWS]]
     atomic_save_png(grid(rows), folder / "grid.png")
     diversity = sample_diversity(study, study.gan_checkpoint(k), test.classes[most_nuclei[:DIVERSITY_MASKS]], model)
-    return {"gan": f"{k:g}", "tiles": len(fake), "halves": [len(half_a), len(half_b)], **realism,
+    return {"gan": f"{k:g}", "tiles": len(fake), "tiles_per_second": len(fake) / paint_seconds,
+            "halves": [len(half_a), len(half_b)], **realism,
             "diversity": diversity,
             "mask_fidelity": {"synthetic": synthetic, "ratio": {
                 "nuclei_dice": ratio(synthetic["dice"]["Nuclei"], real["dice"]["Nuclei"]),
@@ -687,8 +702,14 @@ def fidelity_section(result, folder):
 
 
 def training_section(result):
-    gans = [[f"{k}%", g["tiles"], g["epochs"], g["steps"], f"{g['train_seconds']:.0f}"] for k, g in result["gan"].items()]
-    return ("<h2>Training and time</h2>" + table(["GAN (labelled)", "tiles", "epochs", "steps", "seconds"], gans)
+    gans = [[f"{k}%", g["tiles"], g["epochs"], g["steps"], f"{g['train_seconds']:.0f}",
+             f"{g['parameters']['generator'] / 1e6:.2f}M / {g['parameters']['discriminator'] / 1e6:.2f}M"]
+            for k, g in result["gan"].items()]
+    realism = result["realism"]
+    return ("<h2>Training and time</h2>"
+            + table(["GAN (labelled)", "tiles", "epochs", "steps", "seconds", "parameters (G / D)"], gans)
+            + f"<p>The GAN of {realism['gan']}% painted {realism['tiles_per_second']:.1f} test tiles/s "
+              f"(batches of {BATCH}, loading included).</p>"
             + table(["stage", "seconds"], [[name, f"{s:.1f}"] for name, s in result["seconds"].items()]))
 
 
@@ -721,6 +742,12 @@ def print_table(result):
     fidelity = realism["mask_fidelity"]
     print(f"mask fidelity: nucleus Dice {fmt(fidelity['synthetic']['dice']['Nuclei'])} on synthetic test tiles, "
           f"{fmt(ref['test']['dice']['Nuclei'])} on real (ratio {fmt(fidelity['ratio']['nuclei_dice'])})")
+    print(f"diversity: {fmt(realism['diversity']['mean_pairwise_feature_distance'])} (mean feature distance between "
+          f"{realism['diversity']['samples_per_mask']} paintings of a mask)")
+    gan = result["gan"][realism["gan"]]
+    print(f"GAN {realism['gan']}%: {gan['steps']} steps, {gan['parameters']['generator'] / 1e6:.2f}M + "
+          f"{gan['parameters']['discriminator'] / 1e6:.2f}M parameters (G + D), painting "
+          f"{realism['tiles_per_second']:.1f} tiles/s")
 
 
 # --------------------------------------------------------------------------- main

@@ -1,5 +1,5 @@
 """Generators (unet, spade with and without noise) x discriminators (patch, multiscale,
-oasis): shapes for 128 px (depth 7) and 256 px (depth 8) tiles in both label sets,
+oasis), and the U-Net's resize upsampling: shapes for 128 px (depth 7) and 256 px (depth 8) tiles in both label sets,
 a few training steps learn, save -> resume is exact and refuses another
 architecture, the OASIS loss prefers a perfect discriminator, noise is seeded (tiled
 generation at 1812 px included), and test.py --samples-per-mask writes K
@@ -22,11 +22,12 @@ from runtime import make_optimizer
 from tiling import generate_tiled
 from train_utils import StepConfig, gan_train_step
 
-GENERATORS = {"unet": dict(generator="unet"), "spade": dict(generator="spade"),
+GENERATORS = {"unet": dict(generator="unet"), "unet-resize": dict(generator="unet", upsample="resize"),
+              "spade": dict(generator="spade"),
               "spade-noise": dict(generator="spade", noise_dim=4)}
 DISCRIMINATORS = {"patch": dict(discriminator="patch"), "multiscale": dict(discriminator="multiscale", num_d_scales=3),
                   "oasis": dict(discriminator="oasis")}
-COMBOS = [(g, d) for g in GENERATORS for d in DISCRIMINATORS]
+COMBOS = [(g, d) for g in GENERATORS if g != "unet-resize" for d in DISCRIMINATORS] + [("unet-resize", "patch")]
 CKPT = ("checkpoints", "last.pt")
 
 
@@ -74,6 +75,30 @@ def test_output_shapes(gen, disc, size, depth, labels, one_thread):
         assert all(len(scale) == 5 for scale in out)  # 4 LeakyReLU features + logits
     else:
         assert out.shape == (1, n + 1, size, size)
+
+
+@pytest.mark.parametrize("labels", [PANNUKE, CONIC], ids=["pannuke6", "conic7"])
+def test_resize_upsampling_paints_an_empty_mask_without_a_grid(labels, one_thread):
+    """Issue 13's "regular grid of dark dots over empty regions": transposed convolutions
+    weight the pixels of each 2x2 cell differently, so even an all-background mask comes out
+    patterned; nearest x2 then a 3x3 convolution keeps a uniform input uniform."""
+    mask = torch.zeros(1, labels.num_classes, 128, 128)
+    mask[:, labels.background] = 1
+    spread = {}
+    for upsample in ("transpose", "resize"):
+        torch.manual_seed(0)
+        g = build_generator(model_cfg("unet", "patch", labels.name, 7, upsample=upsample))
+        with torch.no_grad():
+            fake = generate(g, mask, contextlib.nullcontext())
+        spread[upsample] = fake[0, :, 8:-8, 8:-8].std((1, 2)).max().item()  # per channel, away from the borders
+    assert spread["resize"] < 1e-5 and spread["transpose"] > 100 * max(spread["resize"], 1e-8), spread
+
+
+def test_checkpoints_without_an_upsampling_are_transposed():
+    old = build_generator({k: v for k, v in model_cfg("unet", "patch").items() if k != "upsample"})
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in old.modules())
+    resize = build_generator(model_cfg("unet-resize", "patch"))
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in resize.modules())
 
 
 # --------------------------------------------------------------------------- training steps
@@ -194,7 +219,8 @@ def conic_argv(data_dir, out_dir, *extra, epochs=1):
 
 
 RUNS = {"spade-oasis-noise": ["--generator", "spade", "--noise-dim", 4, "--discriminator", "oasis", "--l1-lambda", 0],
-        "unet-multiscale-pannuke": ["--discriminator", "multiscale", "--feat-match-lambda", 5, "--label-set", "pannuke"]}
+        "unet-multiscale-pannuke": ["--discriminator", "multiscale", "--feat-match-lambda", 5, "--label-set", "pannuke",
+                                    "--upsample", "resize"]}
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +249,7 @@ def test_resume_equals_uninterrupted(name, resumed_runs):
     else:
         assert (recorded["generator"], recorded["discriminator"], recorded["num_d_scales"]) == ("unet", "multiscale", 2)
         assert recorded["label_set"] == "pannuke" and resumed["config"]["feat_match_lambda"] == 5
+        assert recorded["upsample"] == "resize"
 
 
 @pytest.mark.parametrize("flags,named", [(["--generator", "unet"], "--generator spade"),
@@ -238,6 +265,17 @@ def test_resume_refuses_another_architecture(flags, named, resumed_runs, conic_6
     err = capsys.readouterr().err.strip().splitlines()
     asked = " ".join(map(str, flags))
     assert len(err) == 1 and named in err[0] and asked in err[0] and "leave out those flags" in err[0], err
+
+
+def test_resume_refuses_another_upsampling(resumed_runs, conic_64, train_conic_in_process, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(resumed_runs["unet-multiscale-pannuke"][1], run)
+    with pytest.raises(SystemExit) as exit_info:
+        train_conic_in_process(conic_argv(conic_64, run, "--resume", run.joinpath(*CKPT), "--upsample", "transpose",
+                                          epochs=3))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--upsample resize" in err[0] and "--upsample transpose" in err[0], err
 
 
 def sample_trees(out, k):

@@ -40,12 +40,16 @@ def smoke_argv(data_dir, out_dir, *extra):
             "--workers", "0", *extra]
 
 
+# Rare classes oversampled; GAN options that must reach train_conic.py.
+SMOKE_EXTRA = ("--rare-class-weight", "4", "--upsample", "resize", "--l1-lambda", "50")
+
+
 @pytest.fixture(scope="module")
 def smoke(tiny_conic, tmp_path_factory, run_script):
-    """One --smoke study (rare classes oversampled), with its stdout and wall time."""
+    """One --smoke study, with its stdout and wall time."""
     out = tmp_path_factory.mktemp("study") / "S"
     started = time.perf_counter()
-    result = run_script("study.py", *smoke_argv(tiny_conic, out, "--rare-class-weight", "4"), timeout=600)
+    result = run_script("study.py", *smoke_argv(tiny_conic, out, *SMOKE_EXTRA), timeout=600)
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-4000:]
     return SimpleNamespace(out=out, stdout=result.stdout, seconds=seconds,
@@ -76,7 +80,8 @@ FIELDS = ["command", "options.fractions", "options.seeds_used", "options.data_di
           "realism.synthetic.domain_kernel_distance.mean", "realism.real_vs_real.domain_kernel_distance.std",
           "realism.mask_fidelity.synthetic.dice.Nuclei", "realism.mask_fidelity.synthetic.pq.Nuclei",
           "realism.mask_fidelity.ratio.nuclei_dice", "realism.mask_fidelity.ratio.nuclei_pq",
-          "realism.diversity.mean_pairwise_feature_distance"]
+          "realism.diversity.mean_pairwise_feature_distance", "realism.tiles_per_second",
+          "gan.50.parameters.generator", "gan.100.parameters.discriminator", "gan.50.model_config.upsample"]
 FIELDS += [f"augmentation.{k}.summary.{m}.{pool}.{s}" for k in ("50", "100")
            for m in ("nuclei_dice", "mean_dice_types", "nuclei_pq", "mpq")
            for pool in ("real", "real+synthetic", "difference") for s in ("mean", "sd")]
@@ -91,6 +96,12 @@ def test_smoke_study_writes_every_field_in_time(smoke):
     assert m["options"]["fractions"] == [50, 100] and m["options"]["seeds_used"] == [42, 43]
     assert "--smoke" in m["command"] and m["budget"]["gan_minutes"] == study.SMOKE["budget_minutes"]
     assert 0 <= m["realism"]["synthetic"]["c2st"]["accuracy"] <= 1
+    gan = torch.load(smoke.out / "k50" / "gan" / "checkpoints" / "last.pt", weights_only=True)
+    assert gan["model_config"]["upsample"] == m["gan"]["50"]["model_config"]["upsample"] == "resize"
+    assert gan["config"]["l1_lambda"] == 50
+    assert m["gan"]["50"]["parameters"]["generator"] == sum(v.numel() for k, v in gan["generator"].items()
+                                                            if not k.endswith(("running_mean", "running_var",
+                                                                               "num_batches_tracked")))
     # The pair of a seed: same seed and steps, and the synthetic pool is larger by sources a + b.
     for k, aug in m["augmentation"].items():
         real, mixed = aug["runs"]["real"], aug["runs"]["real+synthetic"]
@@ -125,7 +136,7 @@ def test_smoke_report_and_table(smoke):
     header = next(i for i, line in enumerate(lines) if "nucleus Dice real" in line)
     assert lines[header + 1].split()[0] == "50%" and lines[header + 2].split()[0] == "100%"
     assert "±" in lines[header + 1]
-    for text in ("ceiling (all", "realism (GAN 100%", "mask fidelity:", "wrote "):
+    for text in ("ceiling (all", "realism (GAN 100%", "mask fidelity:", "diversity:", "GAN 100%:", "wrote "):
         assert any(line.startswith(text) for line in lines), text
 
 
@@ -176,7 +187,7 @@ def test_rerun_skips_finished_stages(smoke, tiny_conic, run_script, tmp_path):
     for late in ("realism/done.json", "k100/augment/real_synthetic_s43/done.json"):
         (out / late).unlink()
     time.sleep(0.05)
-    result = run_script("study.py", *smoke_argv(tiny_conic, out, "--rare-class-weight", "4"), timeout=600)
+    result = run_script("study.py", *smoke_argv(tiny_conic, out, *SMOKE_EXTRA), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     after = marker_times(out)
     assert after.keys() == before.keys()
