@@ -96,6 +96,12 @@ def build_discriminator(cfg):
     return init_weights(Discriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
 
 
+def parameter_counts(model_cfg):
+    """Trainable parameters of the generator and discriminator a model config describes."""
+    return {name: sum(p.numel() for p in build(model_cfg).parameters())
+            for name, build in (("generator", build_generator), ("discriminator", build_discriminator))}
+
+
 def read_checkpoint(path, required=GENERATOR_KEYS):
     """Load and check a pix2pix checkpoint of this project (weights_only=True)."""
     ckpt = load_checkpoint_of_kind(path, CHECKPOINT_KIND, required, CHECKPOINT_VERSION)

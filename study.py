@@ -55,7 +55,7 @@ from dataset.layouts import new_layouts, relabel_instances
 from dataset.masks import CONIC, get_label_set, labels_to_onehot, labels_to_rgb
 from evaluate import data_uri, fmt, grid, segmenter_features, table
 from figures import to_uint8_image
-from gan import build_discriminator, build_generator, generate, load_generator, read_checkpoint
+from gan import generate, load_generator, parameter_counts, read_checkpoint
 from generator_model import depth_for_tile
 from runtime import (SeededSampler, autocast_context, loader_workers, make_loader, make_optimizer,
                      resolve_channels_last, resolve_device, resolve_precision)
@@ -99,9 +99,10 @@ SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, ngf=8, ndf=8, se
              threads=1, out_dir="runs/study_smoke")
 FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
 # What makes two studies the same study (S/study.json); device and speed options are not among them.
-STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", "ngf", "ndf", "generator",
-                 "upsample", "discriminator", "noise_dim", "l1_lambda", "segmenter_width", "segmenter_batch_size",
-                 "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs")
+# Studies that differ in GAN_OPTIONS alone compare GANs at equal budget (compare_studies.py).
+GAN_OPTIONS = ("ngf", "ndf", "generator", "upsample", "discriminator", "noise_dim", "l1_lambda")
+STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_width",
+                 "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs")
 
 
 def parser():
@@ -437,12 +438,7 @@ def gan_stage(study, k):
     model_config = read_checkpoint(last)["model_config"]
     return {"tiles": len(study.split(k)[0]), "epochs": epochs, "steps": steps, "epoch_seconds": plan["epoch_seconds"],
             "train_seconds": seconds, "checkpoint": str(last.relative_to(study.out)), "model_config": model_config,
-            "parameters": {"generator": parameter_count(build_generator(model_config)),
-                           "discriminator": parameter_count(build_discriminator(model_config))}}
-
-
-def parameter_count(model):
-    return sum(p.numel() for p in model.parameters())
+            "parameters": parameter_counts(model_config)}
 
 
 # --------------------------------------------------------------------------- 4. synthetic tiles

@@ -15,9 +15,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import vivid_checkpoint
 from conic_fixtures import make_conic
 
+import compare_studies
 import metrics
 import study
 from dataset.conic import CoNIC, open_conic, patch_source, read_split_file
@@ -362,14 +364,21 @@ def test_smoke_study_on_lizard_128(run_script, tmp_path):
     assert "mask fidelity:" in result.stdout
 
 
-def test_study_trains_the_chosen_generator_and_discriminator(tiny_conic, run_script, tmp_path):
-    """--generator/--discriminator/--noise-dim reach the GANs the study trains, so
-    the study can compare combinations at equal budget."""
-    out = tmp_path / "spade"
-    argv = smoke_argv(tiny_conic, out, "--generator", "spade", "--discriminator", "oasis", "--noise-dim", "4",
-                      "--fractions", "100", "--seeds", "1")
+@pytest.fixture(scope="module")
+def spade_smoke(tiny_conic, tmp_path_factory, run_script):
+    """The smoke study with another GAN (SPADE + noise + OASIS) and otherwise the same options."""
+    out = tmp_path_factory.mktemp("study") / "spade"
+    argv = smoke_argv(tiny_conic, out, *SMOKE_EXTRA, "--generator", "spade", "--discriminator", "oasis",
+                      "--noise-dim", "4")
     result = run_script("study.py", *argv, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_study_trains_the_chosen_generator_and_discriminator(spade_smoke, tiny_conic, tmp_path):
+    """--generator/--discriminator/--noise-dim reach the GANs the study trains, so
+    the study can compare combinations at equal budget."""
+    out = spade_smoke
     model = torch.load(out / "k100" / "gan" / "checkpoints" / "last.pt", weights_only=True)["model_config"]
     assert (model["generator"], model["discriminator"], model["noise_dim"]) == ("spade", "oasis", 4)
     assert json.loads((out / "study.json").read_text())["options"]["generator"] == "spade"
@@ -382,6 +391,43 @@ def test_study_trains_the_chosen_generator_and_discriminator(tiny_conic, run_scr
     classes = np.stack([data.classes(i) for i in range(4)])
     noisy = vivid_checkpoint(out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "spade.pt")
     assert study.sample_diversity(s, noisy, classes, reference)["mean_pairwise_feature_distance"] > 0
+
+
+def test_compare_studies_tables_and_grids_two_gans(smoke, spade_smoke, run_script, tmp_path):
+    out = tmp_path / "compare"
+    result = run_script("compare_studies.py", smoke.out, spade_smoke, "--out-dir", out, "--grid-rows", 3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (out / "compare.md").read_text().splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith(("| S |", "| spade |"))]
+    assert [r[1] for r in rows] == ["unet (resize) + patch, L1 50", "spade + oasis, noise 4, L1 50"]
+    spade = json.loads((spade_smoke / "metrics.json").read_text())
+    assert rows[1][3] == str(spade["gan"]["100"]["steps"])
+    assert rows[1][2] == "{generator:.2f}M / {discriminator:.2f}M".format(
+        **{k: v / 1e6 for k, v in spade["gan"]["100"]["parameters"].items()})
+    assert "| nucleus Dice gain at k=50% |" in lines[2] and "grid.png: mask | real | S | spade" in lines[-1]
+    assert lines[2] in result.stdout
+    tile, gap = 64, 4  # rows of mask | real | one painting per study
+    assert np.asarray(Image.open(out / "grid.png")).shape == (3 * tile + 2 * gap, 4 * tile + 3 * gap, 3)
+
+    again = run_script("compare_studies.py", smoke.out, spade_smoke, "--out-dir", out)
+    assert again.returncode == 2 and "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+
+def test_compare_studies_refuses_studies_that_differ_beyond_the_gan(smoke, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(smoke.out, other)
+    metrics_path = other / "metrics.json"
+    saved = json.loads(metrics_path.read_text())
+    saved["options"]["budget_minutes"] = 12.0
+    metrics_path.write_text(json.dumps(saved))
+    with pytest.raises(SystemExit) as exit_info:
+        compare_studies.main([str(smoke.out), str(other), "--out-dir", str(tmp_path / "compare")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "budget_minutes" in err[0] and "12.0" in err[0], err
+    assert not (tmp_path / "compare").exists()
+    with pytest.raises(SystemExit):
+        compare_studies.main([str(smoke.out), str(tmp_path / "none")])
+    assert "metrics.json not found" in capsys.readouterr().err
 
 
 def test_pix2pix_scores_zero_diversity(smoke, tiny_conic, tmp_path):

@@ -1,0 +1,150 @@
+"""Compare GANs: quality studies (study.py) that differ only in the GAN, side by side.
+
+    python compare_studies.py runs/study_combos/pix2pix runs/study_combos/spade_multiscale --out-dir runs/compare
+
+Prints one Markdown table, a row per study: the GAN (generator, upsampling,
+discriminator, noise, L1 weight), its parameters and speed, realism (C2ST accuracy
+and domain Fréchet distance, each with its real-vs-real floor), mask fidelity,
+diversity, and the augmentation gain at the smallest labelled fraction. Writes the
+table to OUT/compare.md and OUT/grid.png: the same held-out test masks (those with
+the most nuclei), as mask | real | each study's painting, in the table's order.
+
+The studies must share everything but the GAN (data, split, fractions, seeds,
+budget, segmenters): otherwise the table would not compare like with like, and the
+script names the option that differs.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+import config
+import study
+from dataset.conic import open_conic
+from dataset.masks import CONIC, labels_to_rgb
+from evaluate import fmt, grid
+from gan import parameter_counts, read_checkpoint
+from utils import UserError, atomic_save_png, atomic_save_text, run_main
+
+GRID_ROWS = 4
+OUTPUTS = ("compare.md", "grid.png")
+DEFAULTS = study.parser().parse_args([])  # for options an older study did not record
+
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=config.HelpFormatter)
+    p.add_argument("studies", nargs="+", type=Path, help="study folders (study.py --out-dir), two or more")
+    p.add_argument("--out-dir", type=Path, default=Path("runs/compare"), help="where compare.md and grid.png go")
+    p.add_argument("--grid-rows", type=int, default=GRID_ROWS, help="test masks in the grid")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out-dir")
+    return p
+
+
+def read_study(folder):
+    """(options with study.py's defaults for those an older study did not record, metrics.json)."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: give a finished study's folder (study.py --out-dir)")
+    try:
+        metrics = json.loads(path.read_text())
+        options = {name: metrics["options"].get(name, getattr(DEFAULTS, name, None)) for name in study.STUDY_OPTIONS}
+        options["data_dir"] = metrics["options"]["data_dir"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a study's metrics.json ({exc})") from None
+    return options, metrics
+
+
+
+def check_comparable(studies):
+    """Only GAN_OPTIONS may differ between the studies."""
+    shared = [name for name in (*study.STUDY_OPTIONS, "data_dir") if name not in study.GAN_OPTIONS]
+    first, (base, _) = studies[0]
+    for folder, (options, _) in studies[1:]:
+        differ = [f"{name} {base[name]} in {first}, {options[name]} in {folder}" for name in shared
+                  if options[name] != base[name]]
+        if differ:
+            raise UserError(f"these studies differ in more than the GAN ({'; '.join(differ)}); compare studies "
+                            f"made with the same options but for {', '.join(study.GAN_OPTIONS)}")
+
+
+def gan_name(options):
+    name = options["generator"] + (f" ({options['upsample']})" if options["generator"] == "unet" else "")
+    name += f" + {options['discriminator']}"
+    if options["noise_dim"]:
+        name += f", noise {options['noise_dim']}"
+    return name + f", L1 {options['l1_lambda']:g}"
+
+
+def row(folder, options, metrics):
+    """The table's cells for one study."""
+    realism, k_small = metrics["realism"], f"{min(options['fractions']):g}"
+    gan = metrics["gan"][realism["gan"]]
+    counts = parameter_counts(read_checkpoint(folder / gan["checkpoint"])["model_config"])
+    synthetic, floor = realism["synthetic"], realism["real_vs_real"]
+    fidelity = realism["mask_fidelity"]
+    diversity = realism.get("diversity", {}).get("mean_pairwise_feature_distance")
+    speed = realism.get("tiles_per_second")
+    gain = metrics["augmentation"][k_small]["summary"]["nuclei_dice"]["difference"]
+    return [folder.name, gan_name(options), f"{counts['generator'] / 1e6:.2f}M / {counts['discriminator'] / 1e6:.2f}M",
+            str(gan["steps"]), f"{gan['steps'] / gan['train_seconds']:.2f}", fmt(speed, 1),
+            f"{fmt(synthetic['c2st']['accuracy'])} ({fmt(floor['c2st']['accuracy'])})",
+            f"{fmt(synthetic['domain_frechet_distance'], 2)} ({fmt(floor['domain_frechet_distance'], 2)})",
+            f"{fmt(fidelity['synthetic']['dice']['Nuclei'])} ({fmt(fidelity['ratio']['nuclei_dice'], 2)})",
+            fmt(diversity), study.pm(gain, signed=True)]
+
+
+def markdown_table(studies):
+    k_big, k_small = (f"{f(studies[0][1][0]['fractions']):g}" for f in (max, min))
+    header = ["study", "GAN", "parameters G / D", f"GAN steps (k={k_big}%)", "GAN steps/s", "painted tiles/s",
+              "C2ST accuracy (floor)", "domain Fréchet distance (floor)", "nucleus Dice on synthetic (ratio to real)",
+              "diversity", f"nucleus Dice gain at k={k_small}%"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row(folder, *record)) + " |" for folder, record in studies]
+    return "\n".join(lines)
+
+
+def comparison_grid(studies, rows):
+    """mask | real | each study's painting of the test masks with the most nuclei."""
+    paintings = [open_conic(folder / "realism" / "synthetic_test") for folder, _ in studies]
+    names = paintings[0][2]
+    if any(p[2] != names for p in paintings[1:]):
+        raise UserError("the studies painted different test tiles (realism/synthetic_test); were they split alike?")
+    data_dir = studies[0][1][0]["data_dir"]
+    real_images, _, real_names = open_conic(data_dir)
+    where = {name: i for i, name in enumerate(real_names)}
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise UserError(f"{data_dir} lacks the test tiles the studies painted (first: {missing[0]})")
+    classes = np.asarray(paintings[0][1][..., 1])
+    most_nuclei = np.argsort(-(classes != CONIC.background).sum((1, 2)), kind="stable")[:rows]
+    return grid([[labels_to_rgb(classes[i], CONIC), np.asarray(real_images[where[names[i]]])]
+                 + [np.asarray(images[i]) for images, _, _ in paintings] for i in most_nuclei])
+
+
+@run_main
+def main(argv=None):
+    args = parser().parse_args(argv)
+    if len(args.studies) < 2:
+        raise UserError("give two or more study folders to compare")
+    if args.grid_rows < 1:
+        raise UserError(f"--grid-rows must be at least 1, got {args.grid_rows}")
+    if not args.overwrite and any((args.out_dir / name).exists() for name in OUTPUTS):
+        raise UserError(f"{args.out_dir} already holds a comparison; give --overwrite to replace it, or a new --out-dir")
+    studies = [(folder, read_study(folder)) for folder in args.studies]
+    check_comparable(studies)
+    table = markdown_table(studies)
+    options = studies[0][1][0]
+    columns = " | ".join(["mask", "real", *(folder.name for folder, _ in studies)])
+    atomic_save_png(comparison_grid(studies, args.grid_rows), args.out_dir / "grid.png")
+    atomic_save_text(args.out_dir / "compare.md",
+                     f"Studies of {options['data_dir']} at {options['budget_minutes']:g} min per GAN, fractions "
+                     f"{', '.join(f'{k:g}%' for k in options['fractions'])}, {options['seeds']} seeds.\n\n{table}\n\n"
+                     f"grid.png: {columns}\n")
+    print(table)
+    print(f"wrote {args.out_dir / 'compare.md'} and {args.out_dir / 'grid.png'} ({columns})")
+
+
+if __name__ == "__main__":
+    main()
