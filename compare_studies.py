@@ -10,10 +10,13 @@ table to OUT/compare.md and OUT/grid.png: the same held-out test masks (those wi
 the most nuclei), as mask | real | each study's painting, in the table's order.
 
 The studies must share everything but the GAN (data, split, fractions, seeds,
-budget, segmenters): otherwise the table would not compare like with like, and the
-script names the option that differs.
+budget, segmenters) and one reference segmenter, the judge of realism and fidelity
+whose step counts every segmenter of a study follows: make the first study, then the
+others with `study.py --reference-from FIRST`. Otherwise the table would not compare
+like with like, and the script says what differs.
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -58,8 +61,9 @@ def read_study(folder):
 
 
 def check_comparable(studies):
-    """Only GAN_OPTIONS may differ between the studies."""
-    shared = [name for name in (*study.STUDY_OPTIONS, "data_dir") if name not in study.GAN_OPTIONS]
+    """Only GAN_OPTIONS may differ between the studies, and one reference segmenter judged them all."""
+    shared = [name for name in (*study.STUDY_OPTIONS, "data_dir")
+              if name not in (*study.GAN_OPTIONS, "reference_from")]
     first, (base, _) = studies[0]
     for folder, (options, _) in studies[1:]:
         differ = [f"{name} {base[name]} in {first}, {options[name]} in {folder}" for name in shared
@@ -67,6 +71,12 @@ def check_comparable(studies):
         if differ:
             raise UserError(f"these studies differ in more than the GAN ({'; '.join(differ)}); compare studies "
                             f"made with the same options but for {', '.join(study.GAN_OPTIONS)}")
+    judges = {folder: hashlib.sha256((folder / "reference" / "segmenter.pt").read_bytes()).hexdigest()
+              for folder, _ in studies}
+    if len(set(judges.values())) > 1:
+        other = next(folder for folder, judge in judges.items() if judge != judges[first])
+        raise UserError(f"{first} and {other} were judged by different reference segmenters; make the other "
+                        f"studies with study.py --reference-from {first}, so that one segmenter judges them all")
 
 
 def gan_name(options):

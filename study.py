@@ -6,14 +6,14 @@ images look real, do they follow their masks, and does adding them help a nucleu
     python study.py --data-dir ../shared/data/lizard_128 --smoke                 # a tiny end-to-end check
 
 The patches are split into train and test by source image. For each labelled fraction k (--fractions, percent
-of the training split, whole source images where possible) a pix2pix GAN learns from the k% labelled tiles
-alone and paints synthetic tiles from (a) those masks and (b) new layouts made from them (dataset/layouts.py).
-A nucleus segmenter is then trained twice per seed, with the same seed, schedule and number of steps: on the
-k% real tiles, and on those plus the synthetic ones; both are scored on the real test tiles (Dice and panoptic
-quality). Realism and mask fidelity use the GAN of the largest k on the test masks: C2ST and the domain
-Fréchet and kernel distances (in the pooled encoder features of a reference segmenter trained on all real
-training tiles; not FID/KID), each beside its real-vs-real floor, and that segmenter's Dice on the synthetic
-test tiles beside its Dice on the real ones. Nothing is downloaded.
+of the training split, whole source images where possible) a GAN (pix2pix by default) learns from the k%
+labelled tiles alone and paints synthetic tiles from (a) those masks and (b) new layouts made from them
+(dataset/layouts.py). A nucleus segmenter is then trained twice per seed, with the same seed, schedule and
+number of steps: on the k% real tiles, and on those plus the synthetic ones; both are scored on the real test
+tiles (Dice and panoptic quality). Realism and mask fidelity use the GAN of the largest k on the test masks:
+C2ST and the domain Fréchet and kernel distances (in the pooled encoder features of a reference segmenter
+trained on all real training tiles; not FID/KID), each beside its real-vs-real floor, and that segmenter's
+Dice on the synthetic test tiles beside its Dice on the real ones. Nothing is downloaded.
 
 Each stage writes its outputs and a done.json marker into its folder of S (--out-dir):
     split/                         S/split.csv (train/test), S/k<k>/split.csv (train = the k% labelled tiles)
@@ -25,6 +25,11 @@ Each stage writes its outputs and a done.json marker into its folder of S (--out
 then S/metrics.json, S/report.html, S/dice_vs_fraction.png and a table on stdout. A re-run skips finished
 stages and resumes an interrupted GAN from its last.pt, so a killed study continues where it stopped.
 S/study.json records the options; a re-run with other options is refused unless --overwrite.
+
+To compare GANs (--generator, --upsample, --discriminator, --noise-dim, --l1-lambda) at equal budget, run one
+study, then the others with --reference-from <that study>: they copy its reference stage, so one segmenter
+judges them all and every study trains its segmenters for the same steps. compare_studies.py puts them in
+one table and one grid.
 """
 import argparse
 import bisect
@@ -61,7 +66,7 @@ from runtime import (SeededSampler, autocast_context, loader_workers, make_loade
                      resolve_channels_last, resolve_device, resolve_precision)
 from segmenter import CHECKPOINT_KIND, CHECKPOINT_VERSION, build_segmenter, load_segmenter
 from train_segmenter import train_step
-from utils import (UserError, atomic_save_figure, atomic_save_npy, atomic_save_png, atomic_save_text,
+from utils import (UserError, atomic_save_figure, atomic_write, atomic_save_npy, atomic_save_png, atomic_save_text,
                    atomic_save_torch, run_main, seed_everything, within)
 
 # Design
@@ -102,7 +107,10 @@ FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_b
 # Studies that differ in GAN_OPTIONS alone compare GANs at equal budget (compare_studies.py).
 GAN_OPTIONS = ("ngf", "ndf", "generator", "upsample", "discriminator", "noise_dim", "l1_lambda")
 STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_width",
-                 "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs")
+                 "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs",
+                 "reference_from")
+# What a reference stage depends on: a study may copy another's when these agree (--reference-from).
+REFERENCE_OPTIONS = ("data_dir", "seed", "test_fraction", "budget_minutes", "segmenter_width", "segmenter_batch_size")
 
 
 def parser():
@@ -114,6 +122,11 @@ def parser():
     g.add_argument("--out-dir", default=OUT_DIR, help="the study folder S (see above)")
     g.add_argument("--overwrite", action="store_true",
                    help="delete the study already in --out-dir and start afresh (needed when its options differ)")
+    g.add_argument("--reference-from", default=None, metavar="S0",
+                   help="copy the reference stage of study S0 (same data, split, budget and segmenter options) "
+                        "instead of training one: the same judge of realism and fidelity, and the same segmenter "
+                        "step counts, so that studies differing only in the GAN compare like with like "
+                        "(compare_studies.py requires it)")
     g.add_argument("--test-fraction", type=float, default=config.CONIC_TEST_FRACTION,
                    help="share of patches held out for testing, whole source images at a time")
     g = p.add_argument_group("design")
@@ -176,6 +189,31 @@ def parse_args(argv):
     if not 0 < args.test_fraction < 1:
         raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
     return args
+
+
+def study_options(args):
+    """What S/study.json records (paths resolved, so that a study can be found from anywhere)."""
+    options = {name: getattr(args, name) for name in STUDY_OPTIONS} | {"data_dir": str(Path(args.data_dir).resolve())}
+    if args.reference_from:
+        options["reference_from"] = str(Path(args.reference_from).resolve())
+    return options
+
+
+def check_reference_source(args, options):
+    """--reference-from S0: a study whose reference stage has finished, made with the same REFERENCE_OPTIONS."""
+    if not args.reference_from:
+        return
+    source = Path(args.reference_from)
+    record, marker = source / "study.json", source / "reference" / "done.json"
+    if not record.is_file() or not marker.is_file():
+        raise UserError(f"--reference-from {source}: no finished reference stage there ({marker} not found)")
+    if source.resolve() == Path(args.out_dir).resolve():
+        raise UserError(f"--reference-from {source} is this study's own --out-dir; give another study")
+    saved = json.loads(record.read_text())["options"]
+    differ = [f"{name} {saved.get(name)} there, {options[name]} here" for name in REFERENCE_OPTIONS
+              if saved.get(name) != options[name]]
+    if differ:
+        raise UserError(f"--reference-from {source}: its reference was made with other options ({'; '.join(differ)})")
 
 
 def open_data(data_dir):
@@ -373,6 +411,8 @@ def reference_stage(study):
     distances, and the judge of mask fidelity. Its step time, measured first, turns SEGMENTER_SHARES of the
     budget into the fixed step counts of every segmenter in the study."""
     args = study.args
+    if args.reference_from:
+        return copy_reference(study, Path(args.reference_from))
     train = CoNIC(args.data_dir, study.split()[0], augment=True)
     train_segmenter(study, train, 1, args.seed)  # warm-up: a process's first steps are slower
     started = time.perf_counter()
@@ -387,6 +427,18 @@ def reference_stage(study):
                       study.out / "reference" / "segmenter.pt")
     return {"tiles": len(train), "step_seconds": step_seconds, "steps": steps,
             "test": segmentation_scores(predict(study, model, study.test.images), study.test)}
+
+
+def copy_reference(study, source):
+    """Study S0's reference stage (checked by check_reference_source): its segmenter, copied into this
+    study, and its marker (scores, step counts) with the folder it came from."""
+    if (source / "split.csv").read_bytes() != (study.out / "split.csv").read_bytes():
+        raise UserError(f"--reference-from {source}: its split.csv differs from this study's")
+    target = study.out / "reference" / "segmenter.pt"
+    atomic_write(target, lambda f: f.write((source / "reference" / "segmenter.pt").read_bytes()))
+    marker = json.loads((source / "reference" / "done.json").read_text())
+    marker.pop("seconds")
+    return marker | {"copied_from": str(source.resolve())}
 
 
 # --------------------------------------------------------------------------- 3. GAN per labelled fraction
@@ -797,7 +849,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
     names = open_data(args.data_dir)
-    options = {name: getattr(args, name) for name in STUDY_OPTIONS} | {"data_dir": str(Path(args.data_dir).resolve())}
+    options = study_options(args)
+    check_reference_source(args, options)
     study = Study(args, claim_out_dir(args, options), names)
     result = collect(study, run_stages(study), argv, options)
     plot_dice(study.out / "dice_vs_fraction.png", result)

@@ -81,7 +81,7 @@ FIELDS = ["command", "options.fractions", "options.seeds_used", "options.data_di
           "realism.synthetic.domain_frechet_distance", "realism.real_vs_real.domain_frechet_distance",
           "realism.synthetic.domain_kernel_distance.mean", "realism.real_vs_real.domain_kernel_distance.std",
           "realism.mask_fidelity.synthetic.dice.Nuclei", "realism.mask_fidelity.synthetic.pq.Nuclei",
-          "realism.mask_fidelity.ratio.nuclei_dice", "realism.mask_fidelity.ratio.nuclei_pq",
+          "realism.mask_fidelity.ratio.nuclei_dice",
           "realism.diversity.mean_pairwise_feature_distance", "realism.tiles_per_second",
           "gan.50.parameters.generator", "gan.100.parameters.discriminator", "gan.50.model_config.upsample"]
 FIELDS += [f"augmentation.{k}.summary.{m}.{pool}.{s}" for k in ("50", "100")
@@ -98,6 +98,10 @@ def test_smoke_study_writes_every_field_in_time(smoke):
     assert m["options"]["fractions"] == [50, 100] and m["options"]["seeds_used"] == [42, 43]
     assert "--smoke" in m["command"] and m["budget"]["gan_minutes"] == study.SMOKE["budget_minutes"]
     assert 0 <= m["realism"]["synthetic"]["c2st"]["accuracy"] <= 1
+    # A ratio to a real score of 0 (a smoke reference may find no whole nucleus) has no value.
+    real_pq, fidelity = m["reference"]["test"]["pq"]["Nuclei"], m["realism"]["mask_fidelity"]
+    expected = fidelity["synthetic"]["pq"]["Nuclei"] / real_pq if real_pq else None
+    assert fidelity["ratio"]["nuclei_pq"] == (pytest.approx(expected) if real_pq else None)
     gan = torch.load(smoke.out / "k50" / "gan" / "checkpoints" / "last.pt", weights_only=True)
     assert gan["model_config"]["upsample"] == m["gan"]["50"]["model_config"]["upsample"] == "resize"
     assert gan["config"]["l1_lambda"] == 50
@@ -365,11 +369,11 @@ def test_smoke_study_on_lizard_128(run_script, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def spade_smoke(tiny_conic, tmp_path_factory, run_script):
-    """The smoke study with another GAN (SPADE + noise + OASIS) and otherwise the same options."""
+def spade_smoke(smoke, tiny_conic, tmp_path_factory, run_script):
+    """The smoke study with another GAN (SPADE + noise + OASIS), otherwise the same options and its reference."""
     out = tmp_path_factory.mktemp("study") / "spade"
     argv = smoke_argv(tiny_conic, out, *SMOKE_EXTRA, "--generator", "spade", "--discriminator", "oasis",
-                      "--noise-dim", "4")
+                      "--noise-dim", "4", "--reference-from", smoke.out)
     result = run_script("study.py", *argv, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -391,6 +395,30 @@ def test_study_trains_the_chosen_generator_and_discriminator(spade_smoke, tiny_c
     classes = np.stack([data.classes(i) for i in range(4)])
     noisy = vivid_checkpoint(out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "spade.pt")
     assert study.sample_diversity(s, noisy, classes, reference)["mean_pairwise_feature_distance"] > 0
+
+
+def test_reference_from_copies_the_judge_and_the_step_counts(smoke, spade_smoke):
+    judge = ("reference", "segmenter.pt")
+    assert spade_smoke.joinpath(*judge).read_bytes() == smoke.out.joinpath(*judge).read_bytes()
+    spade = json.loads((spade_smoke / "metrics.json").read_text())
+    assert spade["reference"]["copied_from"] == str(smoke.out.resolve())
+    assert spade["budget"]["segmenter_steps"] == smoke.metrics["budget"]["segmenter_steps"]
+    assert spade["reference"]["test"] == smoke.metrics["reference"]["test"]
+    steps = {run["steps"] for k in spade["augmentation"].values() for runs in k["runs"].values() for run in runs}
+    assert steps == {smoke.metrics["budget"]["segmenter_steps"]["augment"]}
+
+
+@pytest.mark.parametrize("extra,message", [(("--budget-minutes", "0.1"), "budget_minutes 0.05 there, 0.1 here"),
+                                           (("--seed", "7"), "seed 42 there, 7 here")])
+def test_reference_from_refuses_another_setup(extra, message, smoke, tiny_conic, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        study.main(smoke_argv(tiny_conic, tmp_path / "S", "--reference-from", str(smoke.out), *extra))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "S").exists()
+    with pytest.raises(SystemExit):
+        study.main(smoke_argv(tiny_conic, tmp_path / "S", "--reference-from", str(tmp_path)))
+    assert "no finished reference stage" in capsys.readouterr().err
 
 
 def test_compare_studies_tables_and_grids_two_gans(smoke, spade_smoke, run_script, tmp_path):
@@ -428,6 +456,18 @@ def test_compare_studies_refuses_studies_that_differ_beyond_the_gan(smoke, tmp_p
     with pytest.raises(SystemExit):
         compare_studies.main([str(smoke.out), str(tmp_path / "none")])
     assert "metrics.json not found" in capsys.readouterr().err
+
+    # A study with its own reference segmenter (another judge) is refused too.
+    saved["options"]["budget_minutes"] = smoke.metrics["options"]["budget_minutes"]
+    metrics_path.write_text(json.dumps(saved))
+    judge = torch.load(other / "reference" / "segmenter.pt", weights_only=True)
+    first = next(iter(judge["model"]))
+    judge["model"][first] = judge["model"][first] + 0.01
+    torch.save(judge, other / "reference" / "segmenter.pt")
+    with pytest.raises(SystemExit):
+        compare_studies.main([str(smoke.out), str(other), "--out-dir", str(tmp_path / "compare")])
+    err = capsys.readouterr().err
+    assert "different reference segmenters" in err and f"--reference-from {smoke.out}" in err
 
 
 def test_pix2pix_scores_zero_diversity(smoke, tiny_conic, tmp_path):
