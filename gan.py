@@ -15,6 +15,8 @@ CHECKPOINT_KIND = "he-pix2pix"
 CHECKPOINT_VERSION = 1
 # What generation needs of a checkpoint, and what resuming a run needs besides.
 GENERATOR_KEYS = ("model_config", "generator")
+# Run options that the model config also records.
+ARCHITECTURE_OPTIONS = ("generator", "upsample", "noise_dim", "discriminator")
 RESUME_KEYS = GENERATOR_KEYS + ("config", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "epoch",
                                 "batches_done", "step", "history", "rng", "partial_sums")
 
@@ -110,7 +112,13 @@ def read_checkpoint(path, required=GENERATOR_KEYS):
 
 
 def read_resume_checkpoint(path):
-    return read_checkpoint(path, RESUME_KEYS)
+    """A checkpoint to resume: its run options gain the architecture options of its model config that
+    an older run did not record, so --resume continues the saved networks even where a default has
+    changed since (a U-Net saved before --upsample existed goes on with transpose)."""
+    ckpt = read_checkpoint(path, RESUME_KEYS)
+    model_cfg = ckpt["model_config"]
+    ckpt["config"] = {**{k: model_cfg[k] for k in ARCHITECTURE_OPTIONS if k in model_cfg}, **ckpt["config"]}
+    return ckpt
 
 
 def load_generator(path, device):

@@ -278,6 +278,24 @@ def test_resume_refuses_another_upsampling(resumed_runs, conic_64, train_conic_i
     assert len(err) == 1 and "--upsample resize" in err[0] and "--upsample transpose" in err[0], err
 
 
+def test_a_unet_saved_before_upsample_existed_resumes_with_transpose(conic_64, train_conic_in_process, capsys,
+                                                                    tmp_path):
+    """The default is now resize; a checkpoint that does not record --upsample was a transpose U-Net,
+    and --resume goes on with that architecture instead of refusing or rebuilding it."""
+    train_conic_in_process(conic_argv(conic_64, tmp_path, "--upsample", "transpose", epochs=1))
+    last = tmp_path.joinpath(*CKPT)
+    ckpt = load(last)
+    del ckpt["model_config"]["upsample"], ckpt["config"]["upsample"]
+    torch.save(ckpt, last)
+    capsys.readouterr()
+    train_conic_in_process(conic_argv(conic_64, tmp_path, "--resume", last, epochs=2))
+    assert "--upsample transpose" in capsys.readouterr().out
+    resumed = load(last)
+    assert resumed["epoch"] == 2 and resumed["model_config"]["upsample"] == "transpose"
+    assert any(k.endswith("ups.0.block.0.weight") and v.dim() == 4 and v.shape[-1] == 4
+               for k, v in resumed["generator"].items())  # 4x4 transposed kernels
+
+
 def sample_trees(out, k):
     return [open_conic(out / f"sample_{i}", check_data=True) for i in range(1, k + 1)]
 
