@@ -18,11 +18,11 @@ L1_LAMBDA = 75.0
 REAL_LABEL_RANGE = (0.7, 1.2)   # positive labels for D drawn uniformly from this range
 FAKE_LABEL_RANGE = (0.0, 0.3)   # negative labels for D drawn uniformly from this range
 
-# Networks (the defaults are pix2pix's; README "Generators and discriminators" has the others)
+# Networks: pix2pix's U-Net, with the resize upsampling and multiscale discriminator that the equal-budget
+# study chose (README "Which GAN?"); --upsample transpose --discriminator patch is the original pix2pix.
 GENERATOR, GENERATORS = "unet", ("unet", "spade")
-# resize: chosen by the equal-budget study in the README (transpose is pix2pix's, the checkerboard's cause)
 UPSAMPLE, UPSAMPLES = "resize", ("transpose", "resize")
-DISCRIMINATOR, DISCRIMINATORS = "patch", ("patch", "multiscale", "oasis")
+DISCRIMINATOR, DISCRIMINATORS = "multiscale", ("patch", "multiscale", "oasis")
 NGF = 64
 NDF = 64
 NORM = "batch"
@@ -247,7 +247,9 @@ def training_parser(dataset, add_data_args, out_dir):
     options `add_data_args(parser)` adds, then networks, optimisation, outputs and
     device. `dataset` names the data in --help; `out_dir` is the default run folder."""
     p = argparse.ArgumentParser(
-        description=f"Train a mask-conditioned Pix2pix (U-Net generator + 70x70 PatchGAN) on {dataset}. "
+        description=f"Train a mask-conditioned GAN on {dataset}: by default pix2pix's U-Net (resize upsampling) "
+                    "against PatchGANs at two scales (pix2pixHD); --upsample transpose --discriminator patch is "
+                    "the original pix2pix. "
                     "The same script runs on one device or under torchrun (see train_*_ddp.py).",
         formatter_class=HelpFormatter)
     add_data_args(p)

@@ -271,7 +271,9 @@ def test_one_ddp_step_equals_one_double_batch_step(data, tmp_path):
     are compared with allclose wherever the gradient is well above that noise, and
     bounded by Adam's step size elsewhere.
     """
+    # The original pix2pix (one PatchGAN, BCE with hard labels): the flags below are its.
     common = ["--data-dir", data, "--train-folds", 3, "--test-folds", 2, "--epochs", 1, "--seed", 3,
+              "--upsample", "transpose", "--discriminator", "patch",
               "--no-dropout", "--no-smooth-real", "--no-smooth-fake", "--norm", "instance",
               "--precision", "fp32", "--num-samples", 0, *TINY]
     ok(torchrun("train_pannuke_ddp.py", *common, "--out-dir", tmp_path / "ddp", "--batch-size", 2))

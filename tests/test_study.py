@@ -42,8 +42,8 @@ def smoke_argv(data_dir, out_dir, *extra):
             "--workers", "0", *extra]
 
 
-# Rare classes oversampled; GAN options that must reach train_conic.py.
-SMOKE_EXTRA = ("--rare-class-weight", "4", "--upsample", "resize", "--l1-lambda", "50")
+# Rare classes oversampled; GAN options that must reach train_conic.py (the original pix2pix, not the default).
+SMOKE_EXTRA = ("--rare-class-weight", "4", "--upsample", "transpose", "--discriminator", "patch", "--l1-lambda", "50")
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,8 @@ def test_smoke_study_writes_every_field_in_time(smoke):
     expected = fidelity["synthetic"]["pq"]["Nuclei"] / real_pq if real_pq else None
     assert fidelity["ratio"]["nuclei_pq"] == (pytest.approx(expected) if real_pq else None)
     gan = torch.load(smoke.out / "k50" / "gan" / "checkpoints" / "last.pt", weights_only=True)
-    assert gan["model_config"]["upsample"] == m["gan"]["50"]["model_config"]["upsample"] == "resize"
+    assert gan["model_config"]["upsample"] == m["gan"]["50"]["model_config"]["upsample"] == "transpose"
+    assert gan["model_config"]["discriminator"] == "patch"
     assert gan["config"]["l1_lambda"] == 50
     assert m["gan"]["50"]["parameters"]["generator"] == sum(v.numel() for k, v in gan["generator"].items()
                                                             if not k.endswith(("running_mean", "running_var",
@@ -427,7 +428,7 @@ def test_compare_studies_tables_and_grids_two_gans(smoke, spade_smoke, run_scrip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (out / "compare.md").read_text().splitlines()
     rows = [line.split(" | ") for line in lines if line.startswith(("| S |", "| spade |"))]
-    assert [r[1] for r in rows] == ["unet (resize) + patch, L1 50", "spade + oasis, noise 4, L1 50"]
+    assert [r[1] for r in rows] == ["unet (transpose) + patch, L1 50", "spade + oasis, noise 4, L1 50"]
     spade = json.loads((spade_smoke / "metrics.json").read_text())
     assert rows[1][3] == str(spade["gan"]["100"]["steps"])
     assert rows[1][2] == "{generator:.2f}M / {discriminator:.2f}M".format(
