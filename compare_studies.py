@@ -4,7 +4,7 @@
 
 Prints one Markdown table, a row per study: the GAN (generator, upsampling,
 discriminator, noise, L1 weight), its parameters and speed, realism (C2ST accuracy
-and domain Fréchet distance, each with its real-vs-real floor), mask fidelity,
+and the domain Fréchet and kernel distances, each with its real-vs-real floor), mask fidelity,
 diversity, and the augmentation gain at the smallest labelled fraction. Writes the
 table to OUT/compare.md and OUT/grid.png: the same held-out test masks (those with
 the most nuclei), as mask | real | each study's painting, in the table's order.
@@ -101,6 +101,7 @@ def row(folder, options, metrics):
             str(gan["steps"]), f"{gan['steps'] / gan['train_seconds']:.2f}", fmt(speed, 1),
             f"{fmt(synthetic['c2st']['accuracy'])} ({fmt(floor['c2st']['accuracy'])})",
             f"{fmt(synthetic['domain_frechet_distance'], 2)} ({fmt(floor['domain_frechet_distance'], 2)})",
+            f"{fmt(synthetic['domain_kernel_distance']['mean'], 4)} ({fmt(floor['domain_kernel_distance']['mean'], 4)})",
             f"{fmt(fidelity['synthetic']['dice']['Nuclei'])} ({fmt(fidelity['ratio']['nuclei_dice'], 2)})",
             fmt(diversity), study.pm(gain, signed=True)]
 
@@ -108,7 +109,8 @@ def row(folder, options, metrics):
 def markdown_table(studies):
     k_big, k_small = (f"{f(studies[0][1][0]['fractions']):g}" for f in (max, min))
     header = ["study", "GAN", "parameters G / D", f"GAN steps (k={k_big}%)", "GAN steps/s", "painted tiles/s",
-              "C2ST accuracy (floor)", "domain Fréchet distance (floor)", "nucleus Dice on synthetic (ratio to real)",
+              "C2ST accuracy (floor)", "domain Fréchet distance (floor)", "domain kernel distance (floor)",
+              "nucleus Dice on synthetic (ratio to real)",
               "diversity", f"nucleus Dice gain at k={k_small}%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row(folder, *record)) + " |" for folder, record in studies]
