@@ -80,7 +80,7 @@ RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_sc
                "generator", "upsample", "noise_dim", "discriminator", "num_d_scales", "gan_loss", "feat_match_lambda",
                "labelmix_lambda")
 
-# `--demo`: small enough to train in about two minutes on 2 CPU cores.
+# `--demo`: small enough to train in about three minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
                       train_folds=[1, 2], test_folds=[3], tissue="Colon", save_every=0)
 
