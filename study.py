@@ -6,7 +6,7 @@ images look real, do they follow their masks, and does adding them help a nucleu
     python study.py --data-dir ../shared/data/lizard_128 --smoke                 # a tiny end-to-end check
 
 The patches are split into train and test by source image. For each labelled fraction k (--fractions, percent
-of the training split, whole source images where possible) a GAN (pix2pix by default) learns from the k%
+of the training split, whole source images where possible) a GAN (the training scripts' default) learns from the k%
 labelled tiles alone and paints synthetic tiles from (a) those masks and (b) new layouts made from them
 (dataset/layouts.py). A nucleus segmenter is then trained twice per seed, with the same seed, schedule and
 number of steps: on the k% real tiles, and on those plus the synthetic ones; both are scored on the real test
