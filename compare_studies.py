@@ -24,7 +24,7 @@ import numpy as np
 
 import config
 import study
-from dataset.conic import open_conic
+from dataset.conic import most_nuclei_first, open_conic
 from dataset.masks import CONIC, labels_to_rgb
 from evaluate import fmt, grid
 from gan import parameter_counts, read_checkpoint
@@ -130,7 +130,7 @@ def comparison_grid(studies, rows):
     if missing:
         raise UserError(f"{data_dir} lacks the test tiles the studies painted (first: {missing[0]})")
     classes = np.asarray(paintings[0][1][..., 1])
-    most_nuclei = np.argsort(-(classes != CONIC.background).sum((1, 2)), kind="stable")[:rows]
+    most_nuclei = most_nuclei_first(classes)[:rows]
     return grid([[labels_to_rgb(classes[i], CONIC), np.asarray(real_images[where[names[i]]])]
                  + [np.asarray(images[i]) for images, _, _ in paintings] for i in most_nuclei])
 

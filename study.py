@@ -55,7 +55,8 @@ import config
 import metrics
 import train_conic
 from dataset.common import split_item
-from dataset.conic import CoNIC, open_conic, patch_source, read_split_file, split_by_source, write_split_file
+from dataset.conic import (CoNIC, most_nuclei_first, open_conic, patch_source, read_split_file, split_by_source,
+                           write_split_file)
 from dataset.layouts import new_layouts, relabel_instances
 from dataset.masks import CONIC, get_label_set, labels_to_onehot, labels_to_rgb
 from evaluate import data_uri, fmt, grid, segmenter_features, table
@@ -618,7 +619,7 @@ def realism_stage(study, reference):
                          "domain_frechet_distance": metrics.frechet_distance(real_features[half_a], features[half_b]),
                          "domain_kernel_distance": {"mean": kernel_mean, "std": kernel_std}}
     synthetic, real = segmentation_scores(predict(study, model, fake), test), reference["test"]
-    most_nuclei = np.argsort(-(test.classes != CONIC.background).sum((1, 2)), kind="stable")
+    most_nuclei = most_nuclei_first(test.classes)
     rows = [[labels_to_rgb(test.classes[i], CONIC), test.images[i], fake[i]] for i in most_nuclei[:GRID_ROWS]]
     atomic_save_png(grid(rows), folder / "grid.png")
     diversity = sample_diversity(study, study.gan_checkpoint(k), test.classes[most_nuclei[:DIVERSITY_MASKS]], model)
