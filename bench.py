@@ -43,30 +43,27 @@ from torch.utils.flop_counter import FlopCounterMode
 import gan
 import runtime as rt
 import train_utils as tu
-from config import (BATCH_SIZE, BETAS, CROPS_PER_IMAGE, FAKE_LABEL_RANGE, L1_LAMBDA, LEARNING_RATE, NDF, NGF,
-                    REAL_LABEL_RANGE)
-from dataset.masks import PALETTE
+from config import CROPS_PER_IMAGE, add_gan_args, check_gan_options
+from dataset.masks import PALETTE, PANNUKE
 from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs
 from demo import write_demo_folds
-from losses import discriminator_targets
+from losses import LOSSES
 from tiling import generate_tiled, generate_whole
 from utils import run_main
 
 UTP_SIZE = 1812  # UniToPatho images are 1812 x 1812 px
+TILE = 256       # PanNuke's patches, which training is timed on
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training batch (at least 2: BatchNorm)")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per path (the first counts FLOPs)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of the matmul, generation and loader figures")
-    p.add_argument("--ngf", type=int, default=NGF)
-    p.add_argument("--ndf", type=int, default=NDF)
     p.add_argument("--threads", type=int, default=0,
                    help="intra-op CPU threads (0: PyTorch's choice; on a shared, oversubscribed CPU also try "
                         "OMP_WAIT_POLICY=PASSIVE in the environment)")
@@ -77,7 +74,10 @@ def parse_args(argv=None):
                    help="ngf/ndf 8, 2 steps, 1 repeat, small images, 1 thread unless --threads: "
                         "checks in seconds that everything runs")
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures here as JSON")
+    # The networks, losses and optimiser exactly as the training scripts take them (config.GAN_OPTIONS).
+    add_gan_args(p)
     args = p.parse_args(argv)
+    check_gan_options(args)
     if args.smoke:
         args.ngf = args.ndf = 8
         args.steps, args.warmup, args.repeats = 2, 1, 1
@@ -159,22 +159,18 @@ def matmul_gflops(dtype, device, budget_s, repeats):
 # --------------------------------------------------------------------------- training paths
 
 def baseline_step(gen, disc, opt_g, opt_d, mask, real, cfg):
-    """The original loop's step, the plain way: fp32, D's weights stay trainable in the
-    G step (their gradients are computed, then zeroed in the next D step), and the
-    losses are read on the host every step for the progress bar."""
-    bce, l1 = nn.BCEWithLogitsLoss(), nn.L1Loss()
+    """The same losses (losses.LOSSES) the plain way: fp32, D's weights stay trainable
+    in the G step (their gradients are computed, then zeroed in the next D step), and
+    the losses are read on the host every step for the progress bar."""
+    d_loss, g_adv_loss = LOSSES[disc.kind]
     fake = gen(mask)
-    d_real = disc(mask, real)
-    d_fake = disc(mask, fake.detach())
-    loss_d = (bce(d_real, discriminator_targets(d_real, cfg.real_label_range, cfg.smooth_real, 1.0))
-              + bce(d_fake, discriminator_targets(d_fake, cfg.fake_label_range, cfg.smooth_fake, 0.0))) / 2
+    loss_d = d_loss(disc, mask, real, fake.detach(), cfg)
     opt_d.zero_grad()
     loss_d.backward()
     opt_d.step()
 
-    d_fake = disc(mask, fake)
-    loss_adv = bce(d_fake, torch.ones_like(d_fake))
-    loss_l1 = l1(fake, real) * cfg.l1_lambda
+    loss_adv = g_adv_loss(disc, mask, real, fake, cfg)
+    loss_l1 = nn.functional.l1_loss(fake, real) * cfg.l1_lambda
     opt_g.zero_grad()
     (loss_adv + loss_l1).backward()
     opt_g.step()
@@ -186,17 +182,17 @@ class TrainPath:
     other path), its optimisers, and its step."""
 
     def __init__(self, name, gen, disc, device, step_cfg, precision="fp32", plain=False, channels_last=False,
-                 fused=True, compile=False):
+                 fused=True, compile=False, *, lr, betas):
         self.name, self.device, self.step_cfg, self.plain = name, device, step_cfg, plain
         self.channels_last = channels_last and not plain  # of weights and inputs, hence of the activations
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.gen = copy.deepcopy(gen).to(device, memory_format=layout)
         self.disc = copy.deepcopy(disc).to(device, memory_format=layout)
         if plain or not fused:
-            self.opt_g, self.opt_d = (torch.optim.Adam(m.parameters(), lr=LEARNING_RATE, betas=BETAS, foreach=False)
+            self.opt_g, self.opt_d = (torch.optim.Adam(m.parameters(), lr=lr, betas=betas, foreach=False)
                                       for m in (self.gen, self.disc))
         else:
-            self.opt_g, self.opt_d = (rt.make_optimizer(m.parameters(), LEARNING_RATE, BETAS, device)
+            self.opt_g, self.opt_d = (rt.make_optimizer(m.parameters(), lr, betas, device)
                                       for m in (self.gen, self.disc))
         self.scaler_g, self.scaler_d = (torch.amp.GradScaler(device.type, enabled=precision == "fp16")
                                         for _ in range(2))
@@ -343,24 +339,30 @@ def measure_peaks(device, precision, budget_s, repeats):
     return {f"matmul_peak_{key}_gflops": matmul_gflops(dtype, device, budget_s, repeats) for key, dtype in dtypes.items()}
 
 
+def training_model_config(args, tile):
+    """The model config train_pannuke.py records for these options on tiles of `tile` px."""
+    return gan.model_config(args, PANNUKE, tile)
+
+
 def measure_training(args, device, precision, batches, warmup):
     """Time the baseline, the default path and any optional paths on `batches`.
     Returns the figures and the default path (whose generator generation reuses)."""
     torch.manual_seed(0)
-    model_cfg = dict(ngf=args.ngf, ndf=args.ndf, norm="batch", dropout=True)
+    model_cfg = training_model_config(args, TILE)
     gen, disc = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
-    step_cfg = tu.StepConfig(L1_LAMBDA, REAL_LABEL_RANGE, FAKE_LABEL_RANGE, True, True,
-                             rt.autocast_context(device, precision))
+    step_cfg = tu.StepConfig(rt.autocast_context(device, precision), args)
     channels_last = rt.resolve_channels_last(None, device)  # the training scripts' default layout
-    paths = [TrainPath("baseline", gen, disc, device, step_cfg, plain=True),
-             TrainPath("default", gen, disc, device, step_cfg, precision, channels_last=channels_last)]
+    optim = dict(lr=args.lr, betas=(args.beta1, args.beta2))
+    paths = [TrainPath("baseline", gen, disc, device, step_cfg, plain=True, **optim),
+             TrainPath("default", gen, disc, device, step_cfg, precision, channels_last=channels_last, **optim)]
     if args.ablations:
         flipped = "nchw" if channels_last else "channels_last"
-        paths += [TrainPath(f"default_{flipped}", gen, disc, device, step_cfg, precision, channels_last=not channels_last),
+        paths += [TrainPath(f"default_{flipped}", gen, disc, device, step_cfg, precision, channels_last=not channels_last,
+                            **optim),
                   TrainPath("default_plain_adam", gen, disc, device, step_cfg, precision, channels_last=channels_last,
-                            fused=False)]
+                            fused=False, **optim)]
     if args.compile:
-        paths.append(TrainPath("compiled", gen, disc, device, step_cfg, precision, compile=True))
+        paths.append(TrainPath("compiled", gen, disc, device, step_cfg, precision, compile=True, **optim))
     time_training(paths, batches, warmup, args.steps, interleave=device.type == "cpu")
 
     baseline, default = paths[0], paths[1]
@@ -419,7 +421,8 @@ def bench(args):
     precision = rt.resolve_precision("auto", device)
     results = {"device": describe_device(device), "torch": torch.__version__, "precision": precision,
                "threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
-               "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf, "steps": args.steps,
+               "networks": gan.describe(vars(args)), "batch_size": args.batch_size, "ngf": args.ngf, "ndf": args.ndf,
+               "steps": args.steps,
                "warmup": args.warmup, "repeats": args.repeats, "load_avg_start": load_average()}
     # Peaks first, under PyTorch's defaults: the fp32 figure must not be TF32.
     results.update(measure_peaks(device, precision, args.matmul_budget_s, args.repeats))

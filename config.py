@@ -5,6 +5,8 @@ batch 2, 150 epochs, smoothed labels). Any of them can be overridden on the
 command line; `python train_pannuke.py --help` lists them with explanations.
 """
 import argparse
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils import UserError
@@ -26,6 +28,9 @@ DISCRIMINATOR, DISCRIMINATORS = "multiscale", ("patch", "multiscale", "oasis")
 NGF = 64
 NDF = 64
 NORM = "batch"
+# What checkpoints from before these were recorded trained with (config.fill_legacy).
+UNET_DEPTH_BEFORE_RECORDED = 8
+LABEL_SET_BEFORE_RECORDED = "pannuke"
 
 # Data
 PANNUKE_DIR = "data/pannuke"
@@ -71,18 +76,200 @@ NUM_SAMPLES = 4
 WANDB_PROJECT = "he-pix2pix"
 DIST_TIMEOUT_MINUTES = 30
 
-# Options that define a run. On --resume, those not given on the command line are
-# taken from the checkpoint, so the resumed run goes on training the same way.
-RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
-               "split_file", "test_fraction", "label_set",
-               "ngf", "ndf", "norm", "dropout", "unet_depth", "batch_size", "lr", "beta1", "beta2", "scale_lr",
-               "l1_lambda", "smooth_real", "smooth_fake", "real_label_range", "fake_label_range", "seed",
-               "generator", "upsample", "noise_dim", "discriminator", "num_d_scales", "gan_loss", "feat_match_lambda",
-               "labelmix_lambda")
-
 # `--demo`: small enough to train in about three minutes on 2 CPU cores.
 DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/demo",
                       train_folds=[1, 2], test_folds=[3], tissue="Colon", save_every=0)
+
+
+# --------------------------------------------------------------------------- the GAN's options
+# Every option of the GAN (its networks, losses and optimiser) is declared once here. The training
+# scripts' flags and their checks, RUN_OPTIONS, the checkpoint's model config, the losses' step
+# config, bench.py's networks and the quality study's GAN options are all derived from this table.
+# Adding an option means one GanOption below and the code that uses it (docs/design.md).
+
+class NotRecorded:
+    """`legacy` of an option that every checkpoint records: there is nothing to fill in."""
+
+    def __repr__(self):
+        return "NOT_RECORDED"
+
+
+NOT_RECORDED = NotRecorded()
+
+
+@dataclass(frozen=True)
+class GanOption:
+    """One GAN option.
+
+    group: "networks" (what G and D are), "losses" (the training step's losses) or "optimisation".
+    model: the option shapes the networks, so the checkpoint's model config records it (and a
+        resume must not change it); `when=(option, value)` records it only for that choice.
+    minimum / positive / below: the allowed range, checked before any work (with finiteness).
+    legacy: the value that reproduces what a run did before the option existed; checkpoints
+        and studies that do not record the option are read with it (config.fill_legacy)."""
+    name: str
+    default: object
+    help: str
+    group: str
+    choices: tuple = None
+    minimum: float = None
+    positive: bool = False
+    below: float = None
+    model: bool = False
+    when: tuple = None
+    legacy: object = NOT_RECORDED
+    metavar: tuple = None
+    type: type = None  # the value's type where the default (None) does not tell
+
+    @property
+    def flag(self):
+        return "--" + self.name.replace("_", "-")
+
+    def applies(self, values):
+        """Whether the option means anything for these values of the other options (a mapping)."""
+        return self.when is None or values.get(self.when[0]) == self.when[1]
+
+
+GAN_OPTIONS = (
+    # networks
+    GanOption("generator", GENERATOR, group="networks", model=True, choices=GENERATORS, legacy="unet",
+              help="unet: pix2pix's U-Net on the one-hot mask; spade: a SPADE residual generator (the mask, "
+                   "resized to each block, predicts per-pixel scale and bias of a parameter-free --norm), "
+                   "upsampled 5 times from a grid of the input's size / 32"),
+    GanOption("upsample", UPSAMPLE, group="networks", model=True, when=("generator", "unet"), choices=UPSAMPLES,
+              legacy="transpose",
+              help="unet: how the decoder doubles the resolution: transpose = pix2pix's 4x4 stride-2 transposed "
+                   "convolutions; resize = nearest-neighbour x2 then a 3x3 convolution, free of the checkerboard "
+                   "(grid of dots) transposed convolutions leave"),
+    GanOption("discriminator", DISCRIMINATOR, group="networks", model=True, choices=DISCRIMINATORS, legacy="patch",
+              help="patch: pix2pix's 70x70 PatchGAN (BCE, smoothed labels); multiscale: PatchGANs at "
+                   "--num-d-scales scales (pix2pixHD; --gan-loss, --feat-match-lambda); oasis: a U-Net "
+                   "segmenter on the image with N classes + 'fake' per pixel (class-balanced cross-entropy, "
+                   "--labelmix-lambda; OASIS trains with --l1-lambda 0)"),
+    GanOption("ngf", NGF, group="networks", model=True, minimum=1, help="generator width (filters in the first layer)"),
+    GanOption("ndf", NDF, group="networks", model=True, minimum=1,
+              help="discriminator width (filters in the first layer)"),
+    GanOption("norm", NORM, group="networks", model=True, choices=("batch", "instance"), help="normalisation layers"),
+    GanOption("dropout", True, group="networks", model=True, when=("generator", "unet"),
+              help="dropout in the first three decoder blocks (pix2pix's noise source)"),
+    GanOption("unet_depth", None, group="networks", model=True, minimum=1, legacy=UNET_DEPTH_BEFORE_RECORDED, type=int,
+              help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
+                   "8 for 256 px and larger), as pix2pix's unet_128 / unet_256; with --generator spade it "
+                   "sets only the tile test.py generates in (2**depth px)"),
+    GanOption("noise_dim", 0, group="networks", model=True, minimum=0, legacy=0,
+              help="spade: length of a per-image noise vector broadcast over the image and concatenated to "
+                   "the mask (OASIS's 3D noise), for varied images per mask; 0 = no noise"),
+    GanOption("num_d_scales", 2, group="networks", model=True, when=("discriminator", "multiscale"),
+              choices=(1, 2, 3), help="multiscale: PatchGANs, each on the input average-pooled by 2 once more"),
+    # losses
+    GanOption("gan_loss", "hinge", group="losses", choices=("hinge", "bce"),
+              help="multiscale: hinge (SPADE) or BCE with the --smooth-* labels"),
+    GanOption("feat_match_lambda", 10.0, group="losses", minimum=0,
+              help="multiscale: weight of feature matching (L1 between D's features on real and fake "
+                   "images), added to G's adversarial loss; 0 = off"),
+    GanOption("labelmix_lambda", 10.0, group="losses", minimum=0,
+              help="oasis: weight of LabelMix (D's output on real and fake mixed by mask class must be the "
+                   "same mix of its outputs), added to D's loss; 0 = off"),
+    GanOption("l1_lambda", L1_LAMBDA, group="losses", minimum=0, help="weight of the L1 reconstruction loss"),
+    GanOption("smooth_real", True, group="losses", help="draw D's positive labels from --real-label-range instead of 1"),
+    GanOption("smooth_fake", True, group="losses", help="draw D's negative labels from --fake-label-range instead of 0"),
+    GanOption("real_label_range", REAL_LABEL_RANGE, group="losses", metavar=("LO", "HI"),
+              help="range of D's smoothed positive labels"),
+    GanOption("fake_label_range", FAKE_LABEL_RANGE, group="losses", metavar=("LO", "HI"),
+              help="range of D's smoothed negative labels"),
+    # optimisation
+    GanOption("batch_size", BATCH_SIZE, group="optimisation", minimum=1, help="batch size per process"),
+    GanOption("lr", LEARNING_RATE, group="optimisation", positive=True, help="Adam learning rate for G and D"),
+    GanOption("beta1", BETAS[0], group="optimisation", minimum=0, below=1, help="Adam beta1"),
+    GanOption("beta2", BETAS[1], group="optimisation", minimum=0, below=1, help="Adam beta2"),
+    GanOption("scale_lr", False, group="optimisation",
+              help="multiply the learning rate by the world size (linear scaling under DDP)"),
+)
+GAN_OPTION = {option.name: option for option in GAN_OPTIONS}
+GAN_GROUPS = ("networks", "losses", "optimisation")
+
+
+def add_gan_args(p, groups=GAN_GROUPS, defaults=None, exclude=()):
+    """The flags of GAN_OPTIONS in `groups`, one argument group each; `defaults` overrides some defaults
+    (the study's narrower networks), `exclude` leaves out options a caller declares itself."""
+    defaults = defaults or {}
+    for group_name in groups:
+        g = p.add_argument_group(group_name)
+        for option in GAN_OPTIONS:
+            if option.group != group_name or option.name in exclude:
+                continue
+            default = defaults.get(option.name, option.default)
+            kwargs = dict(default=list(default) if isinstance(default, tuple) else default, help=option.help)
+            if isinstance(option.default, bool):
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif isinstance(option.default, tuple):
+                kwargs.update(type=type(option.default[0]), nargs=len(option.default), metavar=option.metavar)
+            else:
+                kwargs.update(type=option.type or type(option.default), choices=option.choices)
+            g.add_argument(option.flag, **kwargs)
+    return p
+
+
+def as_value(value):
+    """An option's value as GAN_OPTIONS' defaults hold it: argparse's lists as tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def gan_values(cfg, groups=GAN_GROUPS):
+    """The GAN options of `cfg` (a namespace) in `groups`, by name."""
+    return {o.name: as_value(getattr(cfg, o.name)) for o in GAN_OPTIONS if o.group in groups and hasattr(cfg, o.name)}
+
+
+def flag_text(name, value):
+    """An option's value as the command-line flag that sets it."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value)}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+def check_gan_options(cfg):
+    """One line for the first GAN option out of range or not finite, before any work."""
+    for option in GAN_OPTIONS:
+        if not hasattr(cfg, option.name):
+            continue
+        value = getattr(cfg, option.name)
+        if value is None or isinstance(value, (bool, str)):
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"{option.flag} must be a finite number, got {v}")
+            if option.minimum is not None and v < option.minimum:
+                raise UserError(f"{option.flag} must be at least {option.minimum}, got {v}")
+            if option.positive and not v > 0:
+                raise UserError(f"{option.flag} must be positive, got {v}")
+            if option.below is not None and not v < option.below:
+                raise UserError(f"{option.flag} must be below {option.below}, got {v}")
+        if isinstance(value, (list, tuple)) and list(value) != sorted(value):
+            raise UserError(f"{option.flag} takes LO HI with LO <= HI, got {' '.join(map(str, value))}")
+
+
+def fill_legacy(record, model=True):
+    """A model config (model=True) or a run's options recorded before some GAN options existed, with
+    those options at the values that reproduce what that run did. The label set, recorded since
+    CoNIC runs exist, was PanNuke's before."""
+    filled = dict(record)
+    if model:
+        filled.setdefault("label_set", LABEL_SET_BEFORE_RECORDED)
+    for option in GAN_OPTIONS:  # in table order, so `when` sees the generator/discriminator filled in
+        if (model and not option.model) or option.legacy is NOT_RECORDED or not option.applies(filled):
+            continue
+        filled.setdefault(option.name, option.legacy)
+    return filled
+
+
+# Options that define a run. On --resume, those not given on the command line are
+# taken from the checkpoint, so the resumed run goes on training the same way.
+DATA_RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
+                    "split_file", "test_fraction", "label_set", "seed")
+RUN_OPTIONS = DATA_RUN_OPTIONS + tuple(option.name for option in GAN_OPTIONS)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -113,45 +300,6 @@ def add_wandb_args(g, project=WANDB_PROJECT):
     g.add_argument("--wandb-project", default=project)
     g.add_argument("--wandb-entity", default=None)
     g.add_argument("--run-name", default=None, help="wandb run name")
-
-
-def add_model_args(p):
-    g = p.add_argument_group("networks")
-    g.add_argument("--ngf", type=int, default=NGF, help="generator width (filters in the first layer)")
-    g.add_argument("--ndf", type=int, default=NDF, help="discriminator width (filters in the first layer)")
-    g.add_argument("--norm", default=NORM, choices=["batch", "instance"], help="normalisation layers")
-    g.add_argument("--dropout", default=True, action=argparse.BooleanOptionalAction,
-                   help="dropout in the first three decoder blocks (pix2pix's noise source)")
-    g.add_argument("--unet-depth", type=int, default=None,
-                   help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
-                        "8 for 256 px and larger), as pix2pix's unet_128 / unet_256; with --generator spade it "
-                        "sets only the tile test.py generates in (2**depth px)")
-    g.add_argument("--generator", default=GENERATOR, choices=GENERATORS,
-                   help="unet: pix2pix's U-Net on the one-hot mask; spade: a SPADE residual generator (the mask, "
-                        "resized to each block, predicts per-pixel scale and bias of a parameter-free --norm), "
-                        "upsampled 5 times from a grid of the input's size / 32")
-    g.add_argument("--upsample", default=UPSAMPLE, choices=UPSAMPLES,
-                   help="unet: how the decoder doubles the resolution: transpose = pix2pix's 4x4 stride-2 transposed "
-                        "convolutions; resize = nearest-neighbour x2 then a 3x3 convolution, free of the checkerboard "
-                        "(grid of dots) transposed convolutions leave")
-    g.add_argument("--noise-dim", type=int, default=0,
-                   help="spade: length of a per-image noise vector broadcast over the image and concatenated to "
-                        "the mask (OASIS's 3D noise), for varied images per mask; 0 = no noise")
-    g.add_argument("--discriminator", default=DISCRIMINATOR, choices=DISCRIMINATORS,
-                   help="patch: pix2pix's 70x70 PatchGAN (BCE, smoothed labels); multiscale: PatchGANs at "
-                        "--num-d-scales scales (pix2pixHD; --gan-loss, --feat-match-lambda); oasis: a U-Net "
-                        "segmenter on the image with N classes + 'fake' per pixel (class-balanced cross-entropy, "
-                        "--labelmix-lambda; OASIS trains with --l1-lambda 0)")
-    g.add_argument("--num-d-scales", type=int, default=2, choices=[1, 2, 3],
-                   help="multiscale: PatchGANs, each on the input average-pooled by 2 once more")
-    g.add_argument("--gan-loss", default="hinge", choices=["hinge", "bce"],
-                   help="multiscale: hinge (SPADE) or BCE with the --smooth-* labels")
-    g.add_argument("--feat-match-lambda", type=float, default=10.0,
-                   help="multiscale: weight of feature matching (L1 between D's features on real and fake "
-                        "images), added to G's adversarial loss; 0 = off")
-    g.add_argument("--labelmix-lambda", type=float, default=10.0,
-                   help="oasis: weight of LabelMix (D's output on real and fake mixed by mask class must be the "
-                        "same mix of its outputs), added to D's loss; 0 = off")
 
 
 def add_pannuke_data_args(p, test_folds_help):
@@ -253,23 +401,9 @@ def training_parser(dataset, add_data_args, out_dir):
                     "The same script runs on one device or under torchrun (see train_*_ddp.py).",
         formatter_class=HelpFormatter)
     add_data_args(p)
-    add_model_args(p)
-
-    g = p.add_argument_group("optimisation")
+    add_gan_args(p)
+    g = p.add_argument_group("schedule")
     g.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs to reach (also when resuming)")
-    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="batch size per process")
-    g.add_argument("--lr", type=float, default=LEARNING_RATE, help="Adam learning rate for G and D")
-    g.add_argument("--beta1", type=float, default=BETAS[0], help="Adam beta1")
-    g.add_argument("--beta2", type=float, default=BETAS[1], help="Adam beta2")
-    g.add_argument("--scale-lr", default=False, action=argparse.BooleanOptionalAction,
-                   help="multiply the learning rate by the world size (linear scaling under DDP)")
-    g.add_argument("--l1-lambda", type=float, default=L1_LAMBDA, help="weight of the L1 reconstruction loss")
-    g.add_argument("--smooth-real", default=True, action=argparse.BooleanOptionalAction,
-                   help="draw D's positive labels from --real-label-range instead of 1")
-    g.add_argument("--smooth-fake", default=True, action=argparse.BooleanOptionalAction,
-                   help="draw D's negative labels from --fake-label-range instead of 0")
-    g.add_argument("--real-label-range", type=float, nargs=2, default=list(REAL_LABEL_RANGE), metavar=("LO", "HI"))
-    g.add_argument("--fake-label-range", type=float, nargs=2, default=list(FAKE_LABEL_RANGE), metavar=("LO", "HI"))
 
     g = p.add_argument_group("outputs and resuming")
     g.add_argument("--out-dir", default=out_dir,
@@ -356,12 +490,10 @@ def check_epochs_left(cfg, resume):
 
 def check_training_config(cfg):
     """The GAN scripts' options, before any work starts."""
-    at_least = {"epochs": 1, "batch_size": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0,
-                "num_samples": 0, "ngf": 1, "ndf": 1}
+    check_gan_options(cfg)
+    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0}
     check_option_ranges(cfg, {**at_least, **({"crops_per_image": 1} if hasattr(cfg, "crops_per_image") else {})},
-                        positive=("lr", "dist_timeout"))
-    if not (0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1):
-        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {cfg.beta1} and {cfg.beta2}")
+                        positive=("dist_timeout",))
 
 
 def test_parser():

@@ -5,9 +5,10 @@ seeded noise. The training step and loop are in train_utils.py, the losses in lo
 """
 import torch
 
-from dataset.masks import NUM_CLASSES, PANNUKE, get_label_set, labels_to_onehot
+from config import GAN_OPTIONS, as_value, fill_legacy, flag_text, gan_values
+from dataset.masks import NUM_CLASSES, get_label_set, labels_to_onehot
 from discriminator_model import Discriminator, MultiscaleDiscriminator, OasisDiscriminator
-from generator_model import NUM_DOWNSAMPLINGS, Generator, SPADEGenerator, depth_for_tile, init_weights, seeded_noise
+from generator_model import Generator, SPADEGenerator, depth_for_tile, init_weights, seeded_noise
 from runtime import load_model_state
 from utils import UserError, load_checkpoint_of_kind
 
@@ -15,8 +16,6 @@ CHECKPOINT_KIND = "he-pix2pix"
 CHECKPOINT_VERSION = 1
 # What generation needs of a checkpoint, and what resuming a run needs besides.
 GENERATOR_KEYS = ("model_config", "generator")
-# Run options that the model config also records.
-ARCHITECTURE_OPTIONS = ("generator", "upsample", "noise_dim", "discriminator")
 RESUME_KEYS = GENERATOR_KEYS + ("config", "discriminator", "opt_g", "opt_d", "scaler_g", "scaler_d", "epoch",
                                 "batches_done", "step", "history", "rng", "partial_sums")
 
@@ -38,21 +37,18 @@ def prepare_batch(labels, image, device, channels_last=True, num_classes=NUM_CLA
 
 
 def model_config(cfg, labels, tile):
-    """The networks a run trains: architectures, widths, norm, dropout (U-Net) and
-    noise (SPADE) from the options; the label set (`labels`, a LabelSet) and the
-    depth (unless --unet-depth) from the data. For SPADE the depth sets only the
-    tile test.py pads to and generates in (2**depth px), as for the U-Net."""
+    """The networks a run trains: every networks option of config.GAN_OPTIONS that the
+    model config records (those with `when` only for their generator or discriminator),
+    the label set (`labels`, a LabelSet) from the data, and the depth from the tile
+    unless --unet-depth is given. For SPADE the depth sets only the tile test.py pads
+    to and generates in (2**depth px), as for the U-Net."""
     try:
         depth = cfg.unet_depth or depth_for_tile(tile)
     except ValueError as exc:
         raise UserError(f"{cfg.data_dir}: {exc}") from None
-    config = dict(ngf=cfg.ngf, ndf=cfg.ndf, norm=cfg.norm, label_set=labels.name, unet_depth=depth,
-                  generator=cfg.generator, discriminator=cfg.discriminator, noise_dim=cfg.noise_dim)
-    if cfg.generator == "unet":
-        config.update(dropout=cfg.dropout, upsample=cfg.upsample)
-    if cfg.discriminator == "multiscale":
-        config["num_d_scales"] = cfg.num_d_scales
-    return config
+    values = {**gan_values(cfg, ("networks",)), "unet_depth": depth}
+    return {"label_set": labels.name,
+            **{o.name: values[o.name] for o in GAN_OPTIONS if o.model and o.applies(values)}}
 
 
 def check_model_config(model_cfg):
@@ -62,15 +58,16 @@ def check_model_config(model_cfg):
                         f"dropout)")
 
 
-def with_model_defaults(model_config):
-    """Checkpoints from before label sets and depths were recorded are PanNuke, depth 8;
-    from before the architectures were, a U-Net without noise and a PatchGAN; from
-    before the U-Net's upsampling was, transposed convolutions."""
-    config = {"label_set": PANNUKE.name, "unet_depth": NUM_DOWNSAMPLINGS, "generator": "unet",
-              "discriminator": "patch", "noise_dim": 0, **model_config}
-    if config["generator"] == "unet":
-        config.setdefault("upsample", "transpose")
-    return config
+def describe(options):
+    """A short name for the GAN that options (a run's, a study's or a model config, by name) describe:
+    its generator and discriminator, then every other networks or losses option recorded there
+    that differs from its default, as its flag."""
+    name = options["generator"] + (f" ({options['upsample']})" if options["generator"] == "unet" else "")
+    name += f" + {options['discriminator']}"
+    shown = [o for o in GAN_OPTIONS if o.group != "optimisation" and o.name in options and o.applies(options)
+             and o.name not in ("generator", "upsample", "discriminator", "ngf", "ndf")]
+    return ", ".join([name] + [flag_text(o.name, options[o.name]) for o in shown
+                               if as_value(options[o.name]) != o.default])
 
 
 def num_classes(model_cfg):
@@ -78,7 +75,7 @@ def num_classes(model_cfg):
 
 
 def build_generator(cfg):
-    cfg = with_model_defaults(cfg)
+    cfg = fill_legacy(cfg)
     if cfg["generator"] == "spade":
         return init_weights(SPADEGenerator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"],
                                            noise_dim=cfg["noise_dim"]))
@@ -87,7 +84,7 @@ def build_generator(cfg):
 
 
 def build_discriminator(cfg):
-    cfg = with_model_defaults(cfg)
+    cfg = fill_legacy(cfg)
     if cfg["discriminator"] == "oasis":
         # No norm layers: PyTorch's fan-in scaled init keeps its activations in range,
         # where N(0, 0.02) would shrink them block by block.
@@ -107,17 +104,19 @@ def parameter_counts(model_cfg):
 def read_checkpoint(path, required=GENERATOR_KEYS):
     """Load and check a pix2pix checkpoint of this project (weights_only=True)."""
     ckpt = load_checkpoint_of_kind(path, CHECKPOINT_KIND, required, CHECKPOINT_VERSION)
-    ckpt["model_config"] = with_model_defaults(ckpt["model_config"])
+    ckpt["model_config"] = fill_legacy(ckpt["model_config"])
     return ckpt
 
 
 def read_resume_checkpoint(path):
-    """A checkpoint to resume: its run options gain the architecture options of its model config that
-    an older run did not record, so --resume continues the saved networks even where a default has
-    changed since (a U-Net saved before --upsample existed goes on with transpose)."""
+    """A checkpoint to resume: its run options gain the model config's values and, for options newer
+    than the run, their legacy values (config.fill_legacy), so --resume continues the saved run even
+    where a default has changed since (a U-Net saved before --upsample existed goes on with transpose)."""
     ckpt = read_checkpoint(path, RESUME_KEYS)
     model_cfg = ckpt["model_config"]
-    ckpt["config"] = {**{k: model_cfg[k] for k in ARCHITECTURE_OPTIONS if k in model_cfg}, **ckpt["config"]}
+    recorded = {o.name: model_cfg[o.name] for o in GAN_OPTIONS if o.model and o.name in model_cfg}
+    recorded.pop("unet_depth", None)  # the run's --unet-depth may be None (from the tile): keep what it said
+    ckpt["config"] = fill_legacy({**recorded, **ckpt["config"]}, model=False)
     return ckpt
 
 

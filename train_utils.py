@@ -4,44 +4,39 @@ train_utp.py, train_conic.py and their _ddp twins. The step's losses are in loss
 One loop runs the same on one device and under torchrun (runtime.distributed).
 Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
 """
-import signal
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from config import check_epochs_left, check_option_ranges, check_training_config, settle_config, training_parser
+from config import (GAN_OPTIONS, check_epochs_left, check_training_config, flag_text, gan_values, settle_config,
+                    training_parser)
 from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, read_resume_checkpoint)
 from losses import LOSSES
+from loop import Loop, StopRequest
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
                      resolve_precision, unwrap, wrap_ddp)
-from utils import UserError, atomic_save_png, atomic_save_torch, get_rng_state, seed_everything, set_rng_state
+from utils import UserError, atomic_save_png, seed_everything
 
 LOSS_NAMES = ("loss_d", "loss_g_adv", "loss_l1")
 
 
 # --------------------------------------------------------------------------- one step
 
-@dataclass
-class StepConfig:
-    """What the losses (losses.py) need. The last three matter only to the multiscale
-    and OASIS discriminators and default to their plain form (hinge, no feature
-    matching, no LabelMix)."""
-    l1_lambda: float
-    real_label_range: tuple
-    fake_label_range: tuple
-    smooth_real: bool
-    smooth_fake: bool
-    autocast: object
-    gan_loss: str = "hinge"
-    feat_match_lambda: float = 0.0
-    labelmix_lambda: float = 0.0
+class StepConfig(SimpleNamespace):
+    """What the losses (losses.py) need: every "losses" option of config.GAN_OPTIONS
+    (the label ranges as tuples) and the autocast context."""
+
+    def __init__(self, autocast=contextlib.nullcontext(), options=None, **overrides):
+        defaults = {o.name: o.default for o in GAN_OPTIONS if o.group == "losses"}
+        given = gan_values(options, ("losses",)) if options is not None else {}
+        super().__init__(**{**defaults, **given, **overrides}, autocast=autocast)
 
 
 def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, mask, real, cfg):
@@ -74,40 +69,7 @@ def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, m
     return torch.stack([loss_d.detach(), loss_adv.detach(), loss_l1.detach()]).float()
 
 
-def step_config_from_args(args, autocast):
-    return StepConfig(l1_lambda=args.l1_lambda, real_label_range=tuple(args.real_label_range),
-                      fake_label_range=tuple(args.fake_label_range), smooth_real=args.smooth_real,
-                      smooth_fake=args.smooth_fake, autocast=autocast, gan_loss=args.gan_loss,
-                      feat_match_lambda=args.feat_match_lambda, labelmix_lambda=args.labelmix_lambda)
-
-
 # --------------------------------------------------------------------------- the loop
-
-class StopRequest:
-    """SIGTERM/SIGINT (e.g. SLURM preemption, Ctrl-C) ask the loop to save and stop at
-    the next step boundary instead of dying mid-write."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-
-    def __enter__(self):
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        # A second Ctrl-C gives up at once; a repeated SIGTERM (SLURM and torchrun can
-        # both send one) must not cut short the save the first one asked for.
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
 
 @dataclass
 class Networks:
@@ -120,25 +82,11 @@ class Networks:
     scaler_d: torch.amp.GradScaler
 
 
-@dataclass
-class Progress:
-    """Where the run is: epochs finished, batches finished in the current epoch, and
-    `sums`, the losses summed over those batches followed by their count (slot BATCHES)."""
-    epoch: int = 0
-    batches_done: int = 0
-    step: int = 0
-    history: list = field(default_factory=list)
-    wandb_run_id: str = None
-    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(LOSS_NAMES) + 1))
-
-
-BATCHES = len(LOSS_NAMES)  # the slot of Progress.sums that counts batches
-
-
 def build_networks(cfg, model_cfg, resume, info, device, channels_last, precision):
     """G and D from the run's model config, with the checkpoint's weights and optimiser
     state when resuming. The RNG calls here come in a fixed order (weights, then the
-    restored or per-rank RNG state), so a run is reproducible from its seed."""
+    per-rank RNG state of a fresh run; Loop.restore restores a resumed one's), so a
+    run is reproducible from its seed."""
     seed_everything(cfg.seed)
     generator, discriminator = build_generator(model_cfg), build_discriminator(model_cfg)
     if resume is not None:
@@ -160,24 +108,12 @@ def build_networks(cfg, model_cfg, resume, info, device, channels_last, precisio
         # load_state_dict brings back the saved lr; use this run's (--lr, --scale-lr x world size).
         for group in (*nets.opt_g.param_groups, *nets.opt_d.param_groups):
             group["lr"] = lr
-        if resume.get("world_size", 1) == info.world_size:
-            set_rng_state(resume["rng"][info.rank] if isinstance(resume["rng"], list) else resume["rng"])
     else:
         # Same weights on every rank (DDP also broadcasts rank 0's), different dropout noise.
         torch.manual_seed(cfg.seed + info.rank)
     nets.generator = maybe_compile(wrap_ddp(nets.generator, info, device), cfg.compile)
     nets.discriminator = maybe_compile(wrap_ddp(nets.discriminator, info, device), cfg.compile)
     return nets
-
-
-def as_flags(model_cfg, keys):
-    """Model config entries as the command-line flags that set them."""
-    flags = []
-    for key in keys:
-        value = model_cfg[key]
-        name = key.replace("_", "-")
-        flags.append((f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}")
-    return " ".join(flags)
 
 
 def check_resume(cfg, model_cfg, resume):
@@ -190,9 +126,10 @@ def check_resume(cfg, model_cfg, resume):
                         f"label set, but {cfg.data_dir} gives {model_cfg['label_set']} masks")
     differ = [k for k in {**saved, **model_cfg} if saved.get(k) != model_cfg.get(k)]
     if differ:
-        raise UserError(f"checkpoint {cfg.resume} was trained with {as_flags(saved, [k for k in differ if k in saved])}, "
-                        f"but this run asks for {as_flags(model_cfg, [k for k in differ if k in model_cfg])}; leave "
-                        f"out those flags to resume with the checkpoint's networks")
+        def flags(record):
+            return " ".join(flag_text(k, record[k]) for k in differ if k in record)
+        raise UserError(f"checkpoint {cfg.resume} was trained with {flags(saved)}, but this run asks for "
+                        f"{flags(model_cfg)}; leave out those flags to resume with the checkpoint's networks")
     check_epochs_left(cfg, resume)
 
 
@@ -200,136 +137,48 @@ def learning_rate(cfg, info):
     return cfg.lr * (info.world_size if cfg.scale_lr else 1)
 
 
-def restore_progress(cfg, resume, info, log):
-    """The counters and history a checkpoint carries (a fresh Progress without one)."""
-    if resume is None:
-        return Progress()
-    progress = Progress(epoch=resume["epoch"], batches_done=resume["batches_done"], step=resume["step"],
-                        history=list(resume["history"]), wandb_run_id=resume.get("wandb_run_id"))
-    if progress.batches_done:
-        if resume.get("world_size", 1) != info.world_size:
-            log(f"note: resuming mid-epoch with a different world size; epoch {progress.epoch + 1} restarts")
-            progress.batches_done = 0
-        elif info.is_main:  # the saved sums are the whole job's: one rank carries them on
-            progress.sums = resume["partial_sums"].clone()
-    log(f"resumed from {cfg.resume}: epoch {progress.epoch + 1}, batch {progress.batches_done}, step {progress.step}")
-    return progress
+def gan_payload(cfg, model_cfg, nets):
+    """The GAN's own checkpoint entries (loop.Loop adds the position and RNG state)."""
+    return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
+            "generator": unwrap(nets.generator).state_dict(), "discriminator": unwrap(nets.discriminator).state_dict(),
+            "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
+            "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
+            "model_config": model_cfg, "config": vars(cfg)}
 
 
-def checkpoint_state(cfg, model_cfg, nets, progress, sums, info, wandb_run_id):
-    """Everything needed to resume, gathered from all ranks (a collective under DDP:
-    every rank calls it). `sums` are this rank's loss sums for the current epoch."""
-    rng = get_rng_state()
-    if info.distributed:
-        gathered = [None] * info.world_size
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
-        sums = sums.clone()
-        dist.all_reduce(sums)
-    return {
-        "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
-        "generator": unwrap(nets.generator).state_dict(), "discriminator": unwrap(nets.discriminator).state_dict(),
-        "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
-        "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-        "epoch": progress.epoch, "batches_done": progress.batches_done, "step": progress.step,
-        "partial_sums": sums.cpu(), "history": progress.history, "rng": rng, "world_size": info.world_size,
-        "model_config": model_cfg, "config": vars(cfg), "wandb_run_id": wandb_run_id,
-    }
+@dataclass
+class Samples:
+    """The fixed test items each epoch's grid paints, and how to paint them."""
+    items: tuple
+    labels: object
+    device: torch.device
+    channels_last: bool
+    autocast: object
 
 
-def save_checkpoint(state, ckpt_dir, info, also_as=None):
-    if info.is_main:
-        atomic_save_torch(state, ckpt_dir / "last.pt")
-        if also_as:
-            atomic_save_torch(state, ckpt_dir / also_as)
-    barrier()
-
-
-def reduce_progress(sums, stop_requested, info, device):
-    """The job's mean losses so far this epoch, and whether any rank was asked to stop:
-    one all-reduce, and the loop's only host-device sync."""
-    packed = torch.cat([sums, torch.tensor([float(stop_requested)], device=device)])
-    if info.distributed:
-        dist.all_reduce(packed)
-    means = (packed[:BATCHES] / packed[BATCHES].clamp(min=1)).tolist()
-    return dict(zip(LOSS_NAMES, means)), packed[BATCHES + 1].item() > 0
-
-
-def train_epoch(cfg, nets, progress, loader, sampler, loader_rng, step_cfg, info, device, channels_last, stop,
-                save, run, num_classes):
-    """One epoch from progress.batches_done on; returns this rank's loss sums. A stop
-    request saves last.pt mid-epoch and exits with status 143."""
-    epoch = progress.epoch
-    sampler.set_epoch(epoch, skip=progress.batches_done * cfg.batch_size)
-    loader_rng.manual_seed(cfg.seed * 1000003 + epoch)
-    nets.generator.train()
-    nets.discriminator.train()
-    sums = progress.sums.to(device)
-    progress.sums = torch.zeros_like(progress.sums)
-    epoch_batches = progress.batches_done + len(loader)
-    # A lone process checks the (host-side) stop flag every step; under DDP all ranks
-    # must agree on the step, so the flag travels with the --log-every reduction.
-    check_every = cfg.log_every if info.distributed else 1
-    with tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not info.is_main, dynamic_ncols=True,
-              initial=progress.batches_done, total=epoch_batches) as bar:
-        for labels, image in bar:
-            mask, real = prepare_batch(labels, image, device, channels_last, num_classes)
-            losses = gan_train_step(nets.generator, nets.discriminator, nets.opt_g, nets.opt_d, nets.scaler_g,
-                                    nets.scaler_d, mask, real, step_cfg)
-            sums[:BATCHES] += losses
-            sums[BATCHES] += 1
-            progress.step += 1
-            progress.batches_done += 1
-            last = progress.batches_done == epoch_batches
-            if progress.step % cfg.log_every == 0 or last:
-                means, stopping = reduce_progress(sums, stop.requested, info, device)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()})
-                if run is not None:
-                    run.log({**{f"train/{k}": v for k, v in means.items()}, "epoch": epoch}, step=progress.step)
-            elif progress.step % check_every == 0:
-                stopping = stop.requested
-            else:
-                stopping = False
-            if stopping:
-                save(sums)
-                last_pt = Path(cfg.out_dir) / "checkpoints" / "last.pt"
-                if info.is_main:
-                    print(f"stopped by signal; saved {last_pt} (epoch {epoch + 1}, batch {progress.batches_done}); "
-                          f"continue with --resume {last_pt}")
-                raise SystemExit(143)
-            if cfg.save_every_steps and progress.step % cfg.save_every_steps == 0:
-                save(sums)
-    return sums
-
-
-def end_of_epoch(cfg, nets, progress, sums, samples, labels, info, device, channels_last, autocast, save, run, log):
+def end_of_epoch(cfg, loop, nets, position, sums, samples, run):
     """Epoch means into the history, checkpoints, the sample grid, the loss plot, wandb."""
-    if info.distributed:
-        dist.all_reduce(sums)
-    means = (sums[:BATCHES] / sums[BATCHES].clamp(min=1)).tolist()
-    progress.epoch += 1
-    progress.batches_done = 0
-    progress.history.append({"epoch": progress.epoch, **dict(zip(LOSS_NAMES, means))})
-    keep = f"epoch_{progress.epoch:04d}.pt" if cfg.save_every and progress.epoch % cfg.save_every == 0 else None
-    save(torch.zeros_like(progress.sums), also_as=keep)
-    if not info.is_main:
+    means = loop.end_epoch(position, sums)
+    keep = f"epoch_{position.epoch:04d}.pt" if cfg.save_every and position.epoch % cfg.save_every == 0 else None
+    loop.save(position, loop.zeros(), also_as=keep)
+    if not loop.info.is_main:
         return
     out_dir = Path(cfg.out_dir)
-    grid_path = out_dir / "samples" / f"epoch_{progress.epoch:04d}.png"
-    if samples is not None:
-        mask, real = prepare_batch(*samples, device, channels_last, labels.num_classes)
-        fake = generate(unwrap(nets.generator), mask, autocast, "eval")
-        atomic_save_png(triplet_grid(samples[0], real, fake, labels), grid_path)
-    save_loss_plot(progress.history, out_dir / "loss_curves.png")
-    log(f"epoch {progress.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in zip(LOSS_NAMES, means))
-        + f" | samples {grid_path}")
+    grid_path = out_dir / "samples" / f"epoch_{position.epoch:04d}.png"
+    if samples.items is not None:
+        mask, real = prepare_batch(*samples.items, samples.device, samples.channels_last, samples.labels.num_classes)
+        fake = generate(unwrap(nets.generator), mask, samples.autocast, "eval")
+        atomic_save_png(triplet_grid(samples.items[0], real, fake, samples.labels), grid_path)
+    save_loss_plot(position.history, out_dir / "loss_curves.png")
+    print(f"epoch {position.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+          + f" | samples {grid_path}")
     if run is not None:
-        log_epoch_to_wandb(run, means, grid_path, out_dir / "checkpoints" / "last.pt", progress)
+        log_epoch_to_wandb(run, means, grid_path, loop.last_checkpoint, position)
 
 
 def log_epoch_to_wandb(run, means, grid_path, last_checkpoint, progress):
     import wandb
-    payload = {f"epoch/{k}": v for k, v in zip(LOSS_NAMES, means)}
+    payload = {f"epoch/{k}": v for k, v in means.items()}
     if grid_path.exists():
         payload["samples"] = wandb.Image(str(grid_path), caption="mask | real | fake")
     run.log({**payload, "epoch": progress.epoch}, step=progress.step)
@@ -344,7 +193,6 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
     (a checkpoint dict) when given. `build_datasets(cfg)` returns (train dataset,
     sample dataset); items are (labels uint8 (H, W), image uint8 (3, H, W))."""
     check_training_config(cfg)
-    check_option_ranges(cfg, {"noise_dim": 0, "feat_match_lambda": 0, "labelmix_lambda": 0})
     with distributed(cfg.device, cfg.dist_timeout, cfg.channels_last, require=require_distributed) \
             as (info, device, channels_last), StopRequest() as stop:
         log = print if info.is_main else (lambda *a, **k: None)
@@ -371,28 +219,38 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
         loader_rng = torch.Generator()
         loader = make_loader(train_set, cfg.batch_size, workers, device, sampler=sampler, generator=loader_rng)
         shown = [sample_set[i] for i in range(min(cfg.num_samples, len(sample_set)))]
-        samples = tuple(map(torch.stack, zip(*shown))) if shown else None
+        samples = Samples(tuple(map(torch.stack, zip(*shown))) if shown else None, labels, device, channels_last,
+                          autocast)
 
         # --- networks and where the run stands
         nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
-        progress = restore_progress(cfg, resume, info, log)
+        loop = Loop(cfg.out_dir, info, device, LOSS_NAMES, lambda: gan_payload(cfg, model_cfg, nets), stop,
+                    cfg.log_every, cfg.save_every_steps)
+        position = loop.restore(resume, cfg.resume, log)
         log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
             f"precision {precision}, batch {cfg.batch_size} x {info.world_size} = "
             f"{cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, {workers} loader worker(s)")
-        run = init_wandb(cfg, progress.wandb_run_id) if info.is_main else None
-        run_id = run.id if run is not None else progress.wandb_run_id
-        step_cfg = step_config_from_args(cfg, autocast)
+        run = init_wandb(cfg, position.wandb_run_id) if info.is_main else None
+        if run is not None:
+            position.wandb_run_id = run.id
+        step_cfg = StepConfig(autocast, cfg)
 
-        def save(sums, also_as=None):
-            save_checkpoint(checkpoint_state(cfg, model_cfg, nets, progress, sums, info, run_id), ckpt_dir, info,
-                            also_as)
+        def step(batch):
+            mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes)
+            return gan_train_step(nets.generator, nets.discriminator, nets.opt_g, nets.opt_d, nets.scaler_g,
+                                  nets.scaler_d, mask, real, step_cfg)
+
+        def log_losses(means):
+            if run is not None:
+                run.log({**{f"train/{k}": v for k, v in means.items()}, "epoch": position.epoch}, step=position.step)
 
         # --- the epochs
-        while progress.epoch < cfg.epochs:
-            sums = train_epoch(cfg, nets, progress, loader, sampler, loader_rng, step_cfg, info, device,
-                               channels_last, stop, save, run, labels.num_classes)
-            end_of_epoch(cfg, nets, progress, sums, samples, labels, info, device, channels_last, autocast, save,
-                         run, log)
+        while position.epoch < cfg.epochs:
+            loader_rng.manual_seed(cfg.seed * 1000003 + position.epoch)
+            nets.generator.train()
+            nets.discriminator.train()
+            sums = loop.epoch(position, loader, sampler, step, f"epoch {position.epoch + 1}/{cfg.epochs}", log_losses)
+            end_of_epoch(cfg, loop, nets, position, sums, samples, run)
         if run is not None:
             run.finish()
         log(f"done: {ckpt_dir / 'last.pt'}")

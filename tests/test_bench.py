@@ -56,9 +56,10 @@ def test_default_path_matches_baseline_losses(pannuke_folds, device_type, precis
     gen, disc = build_generator(cfg), build_discriminator(cfg)
     step_cfg = StepConfig(l1_lambda=75.0, real_label_range=(0.7, 1.2), fake_label_range=(0.0, 0.3),
                           smooth_real=False, smooth_fake=False, autocast=autocast_context(device, precision))
-    baseline = bench.TrainPath("baseline", gen, disc, device, step_cfg, plain=True)
+    optim = dict(lr=2e-4, betas=(0.5, 0.999))
+    baseline = bench.TrainPath("baseline", gen, disc, device, step_cfg, plain=True, **optim)
     default = bench.TrainPath("default", gen, disc, device, step_cfg, precision,
-                              channels_last=resolve_channels_last(None, device))
+                              channels_last=resolve_channels_last(None, device), **optim)
     dataset = PanNukeFolds(pannuke_folds, [1, 2])
     labels, image = map(torch.stack, zip(*(dataset[i] for i in range(2))))
 

@@ -164,7 +164,7 @@ def test_oasis_loss_prefers_a_perfect_discriminator():
     def random(image):
         return next(answers)
 
-    cfg = StepConfig(0.0, (0.7, 1.2), (0.0, 0.3), True, True, None, labelmix_lambda=10.0)
+    cfg = StepConfig(l1_lambda=0.0, labelmix_lambda=10.0)
     torch.manual_seed(0)
     good = oasis_d_loss(perfect, mask, real, fake, cfg)
     bad = oasis_d_loss(random, mask, real, fake, cfg)

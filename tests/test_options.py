@@ -1,0 +1,118 @@
+"""config.GAN_OPTIONS is the one declaration of the GAN's options: the training
+scripts' flags, RUN_OPTIONS, the checkpoint's model config, the losses' step config,
+bench.py's networks and the old-checkpoint defaults all follow from it."""
+import argparse
+
+import pytest
+import torch
+
+import bench
+import config
+import gan
+from dataset.masks import CONIC, PANNUKE
+from train_utils import StepConfig
+from utils import UserError
+
+
+def training_parser():
+    return config.training_parser("CoNIC", config.add_conic_training_data_args, "runs/x")
+
+
+def test_every_gan_option_is_a_training_flag_and_a_run_option():
+    flags = {a.dest: a for a in training_parser()._actions}
+    for option in config.GAN_OPTIONS:
+        assert option.name in flags, option.name
+        assert flags[option.name].help == option.help
+        assert option.name in config.RUN_OPTIONS
+        default = flags[option.name].default
+        assert (tuple(default) if isinstance(default, list) else default) == option.default
+
+
+def test_a_new_option_declared_once_reaches_the_flags_the_step_and_the_run(monkeypatch):
+    """What 'adding a GAN option' means: one GanOption, and every derived place sees it."""
+    extra = config.GanOption("toy_weight", 0.5, group="losses", minimum=0, legacy=0.0, help="a toy loss weight")
+    monkeypatch.setattr(config, "GAN_OPTIONS", config.GAN_OPTIONS + (extra,))
+    import train_utils
+    monkeypatch.setattr(train_utils, "GAN_OPTIONS", config.GAN_OPTIONS)
+    args = training_parser().parse_args(["--toy-weight", "2"])
+    assert args.toy_weight == 2.0
+    assert StepConfig(None, args).toy_weight == 2.0
+    assert config.fill_legacy({"l1_lambda": 75.0}, model=False)["toy_weight"] == 0.0
+    with pytest.raises(UserError, match="--toy-weight must be at least 0"):
+        config.check_gan_options(training_parser().parse_args(["--toy-weight", "-1"]))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--l1-lambda", "-5"], "--l1-lambda must be at least 0"),
+    (["--l1-lambda", "nan"], "--l1-lambda must be a finite number"),
+    (["--real-label-range", "2", "1"], "--real-label-range takes LO HI with LO <= HI"),
+    (["--beta1", "1"], "--beta1 must be below 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--ngf", "0"], "--ngf must be at least 1"),
+    (["--lr", "0"], "--lr must be positive"),
+])
+def test_out_of_range_options_are_one_line_errors(flags, message):
+    with pytest.raises(UserError, match=message):
+        config.check_gan_options(training_parser().parse_args(flags))
+
+
+def test_defaults_pass_the_checks():
+    config.check_gan_options(training_parser().parse_args([]))
+
+
+def test_model_config_records_only_the_options_of_the_chosen_networks():
+    unet = gan.model_config(training_parser().parse_args([]), CONIC, 128)
+    assert unet == {"label_set": "conic", "generator": "unet", "upsample": "resize", "discriminator": "multiscale",
+                    "ngf": 64, "ndf": 64, "norm": "batch", "dropout": True, "unet_depth": 7, "noise_dim": 0,
+                    "num_d_scales": 2}
+    spade = gan.model_config(training_parser().parse_args(["--generator", "spade", "--discriminator", "patch"]),
+                             CONIC, 128)
+    assert "upsample" not in spade and "dropout" not in spade and "num_d_scales" not in spade
+
+
+def test_old_model_configs_read_with_the_values_they_trained_with():
+    oldest = config.fill_legacy({"ngf": 64, "ndf": 64, "norm": "batch", "dropout": True})
+    assert oldest == {"ngf": 64, "ndf": 64, "norm": "batch", "dropout": True, "label_set": "pannuke",
+                      "generator": "unet", "upsample": "transpose", "discriminator": "patch", "unet_depth": 8,
+                      "noise_dim": 0}
+    spade = config.fill_legacy({"generator": "spade", "discriminator": "oasis", "label_set": "conic"})
+    assert "upsample" not in spade  # only a U-Net has an upsampling
+    recorded = {"generator": "unet", "upsample": "resize", "discriminator": "multiscale", "label_set": "conic"}
+    assert config.fill_legacy(recorded).items() >= recorded.items()  # recorded values win
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--generator", "spade", "--noise-dim", "8", "--discriminator", "oasis"],
+    ["--upsample", "transpose", "--discriminator", "patch", "--ngf", "8", "--ndf", "4", "--no-dropout"],
+    ["--discriminator", "multiscale", "--num-d-scales", "3", "--norm", "instance", "--unet-depth", "5"],
+])
+def test_bench_builds_the_networks_the_training_script_builds(flags):
+    trained = gan.model_config(training_parser().parse_args(flags), PANNUKE, bench.TILE)
+    benched = bench.training_model_config(bench.parse_args(flags), bench.TILE)
+    assert benched == trained
+    for build in (gan.build_generator, gan.build_discriminator):
+        a, b = build(trained), build(benched)
+        assert [(k, v.shape) for k, v in a.state_dict().items()] == [(k, v.shape) for k, v in b.state_dict().items()]
+
+
+def test_bench_times_the_default_losses():
+    args = bench.parse_args(["--gan-loss", "bce", "--feat-match-lambda", "3"])
+    step = StepConfig(None, args)
+    assert (step.gan_loss, step.feat_match_lambda) == ("bce", 3.0)
+    assert StepConfig(None, bench.parse_args([])).feat_match_lambda == config.GAN_OPTION["feat_match_lambda"].default
+
+
+def test_describe_names_the_networks_and_what_differs_from_the_defaults():
+    options = vars(training_parser().parse_args(["--generator", "spade", "--noise-dim", "8", "--l1-lambda", "0",
+                                                 "--real-label-range", "0.8", "1"]))
+    assert gan.describe(options) == "spade + multiscale, --noise-dim 8, --l1-lambda 0, --real-label-range 0.8 1"
+    assert gan.describe(vars(training_parser().parse_args([]))) == "unet (resize) + multiscale"
+
+
+def test_step_config_takes_defaults_then_the_run_then_overrides():
+    cfg = argparse.Namespace(l1_lambda=10.0, real_label_range=[0.8, 1.0])
+    step = StepConfig(torch.autocast("cpu", enabled=False), cfg, gan_loss="bce")
+    assert step.l1_lambda == 10.0 and step.real_label_range == (0.8, 1.0) and step.gan_loss == "bce"
+    assert step.labelmix_lambda == config.GAN_OPTION["labelmix_lambda"].default
