@@ -21,7 +21,7 @@ REAL_LABEL_RANGE = (0.7, 1.2)   # positive labels for D drawn uniformly from thi
 FAKE_LABEL_RANGE = (0.0, 0.3)   # negative labels for D drawn uniformly from this range
 
 # Networks: pix2pix's U-Net, with the resize upsampling and multiscale discriminator that the equal-budget
-# study chose (README "Which GAN?"); --upsample transpose --discriminator patch is the original pix2pix.
+# study chose (docs/results.md "Which GAN?"); --upsample transpose --discriminator patch is the original pix2pix.
 GENERATOR, GENERATORS = "unet", ("unet", "spade")
 UPSAMPLE, UPSAMPLES = "resize", ("transpose", "resize")
 DISCRIMINATOR, DISCRIMINATORS = "multiscale", ("patch", "multiscale", "oasis")

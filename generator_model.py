@@ -177,7 +177,7 @@ class SPADEGenerator(nn.Module):
     `num_ups + 1` SPADE blocks with a nearest-neighbour x2 upsampling before each but
     the first. Widths halve from 8 x ngf block by block ([8, 4, 2, 1, 1/2, 1/4] x ngf
     at 5 upsamplings) and the SPADE layers read the condition through at most ngf
-    channels, so the full-size blocks stay cheap (the README compares FLOPs)."""
+    channels, so the full-size blocks stay cheap (docs/networks.md compares FLOPs)."""
 
     def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", noise_dim=0, num_ups=SPADE_UPSAMPLINGS):
         super().__init__()
