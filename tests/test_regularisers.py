@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from augment import augment
 from discriminator_model import Discriminator, MultiscaleDiscriminator
 from losses import lowpass_l1, r1_penalty
 
@@ -89,7 +90,6 @@ def test_lowpass_l1():
 
 
 def test_r1_reaches_the_real_image_through_d_augmentation():
-    from augment import augment
     torch.manual_seed(0)
     d = Discriminator(6, 3, ndf=4)
     mask, real = inputs()
