@@ -151,17 +151,16 @@ def augment(mask, *images, p, generator, transforms=TRANSFORMS):
     if "rotate90" in transforms and height != width:
         raise ValueError(f"90-degree rotations need square inputs, got {height} x {width}")
 
+    # Every transform's coins and amounts are drawn whether it is on or not, so a
+    # seed gives each transform the same draws whichever others are on.
     def chosen(name):
-        # The coins are drawn for every transform, chosen or not, so that a seed's
-        # draws for one transform do not depend on which others are on.
-        coins = uniform(batch, generator) < p
-        return coins & (name in transforms)
+        return (uniform(batch, generator) < p) & (name in transforms)
 
     images = list(images)
     for name in COLOUR:
-        apply = chosen(name)
+        apply, transform = chosen(name), colour_transform(name, batch, generator)
         if name in transforms:
-            where, transform = apply.to(mask.device).view(-1, 1, 1, 1), colour_transform(name, batch, generator)
+            where = apply.to(mask.device).view(-1, 1, 1, 1)
             images = [torch.where(where, transform(image), image) for image in images]
 
     flip = chosen("flip") & (uniform(batch, generator) < 0.5)

@@ -164,3 +164,12 @@ def test_adaptive_p_resumes_from_its_state():
         for _ in range(3):
             run.observe(torch.tensor([1.0, -1.0, 1.0]), batch_images=2)
     assert resumed.p == ada.p and resumed.last_rt == ada.last_rt
+
+
+def test_a_transform_draws_the_same_with_or_without_the_others():
+    mask = blocky_mask()
+    image = paint(mask)
+    alone = augment(mask, image, p=0.6, generator=seeded(10), transforms=("translate",))
+    # Colour transforms leave the mask alone: it comes out as with the translation alone.
+    with_colour = augment(mask, image, p=0.6, generator=seeded(10), transforms=("translate",) + COLOUR)
+    assert torch.equal(alone[0], with_colour[0])
