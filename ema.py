@@ -72,7 +72,9 @@ def recompute_batchnorm_stats(model, batches):
     Each statistic becomes the plain average over the batches of that batch's
     statistic (BatchNorm's momentum=None): the running mean is the mean of the
     batch means, the running variance the mean of the batches' (unbiased)
-    variances. Momentum and every module's train/eval mode are restored after.
+    variances. Momentum and every module's train/eval mode are restored after, and
+    noise the model draws (noise inputs, SPADE's vector) comes from a forked RNG, so
+    recalibrating at a save does not change the training run's random stream.
     Returns the number of batches used (0 leaves the statistics reset)."""
     norms = batchnorm_layers(model)
     if not norms:
@@ -85,10 +87,12 @@ def recompute_batchnorm_stats(model, batches):
         bn.momentum = None
         bn.train()
     count = 0
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        for batch in batches:
-            model(batch)
-            count += 1
+        with torch.random.fork_rng(devices=cuda_devices):
+            for batch in batches:
+                model(batch)
+                count += 1
     finally:
         for bn, momentum in momenta.items():
             bn.momentum = momentum

@@ -108,6 +108,15 @@ def test_recomputed_statistics_are_the_average_batch_statistics():
     assert not any(m.training for m in model.modules())
 
 
+def test_recalibrating_leaves_the_global_random_stream_alone():
+    generator = init_weights(Generator(6, 3, ngf=4, num_downs=5, noise_inject=True))  # draws noise when it runs
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    recompute_batchnorm_stats(generator, [onehot_masks(2, 32, 0)])
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_an_averaged_recalibrated_unet_paints_in_range():
     torch.manual_seed(0)
     generator = init_weights(Generator(6, 3, ngf=4, num_downs=5))
