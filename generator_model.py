@@ -5,7 +5,10 @@ bottleneck, as the reference implementation's unet_256 (8) and unet_128 (7): the
 depth follows the training tile (`depth_for_tile`), and inputs must be multiples of
 2**num_downs (test.py pads or tiles larger images). Each decoder block gets the
 matching encoder output as a skip connection; the first three decoder blocks use
-dropout, which is pix2pix's only source of noise. The decoder upsamples by 4x4
+dropout, which is pix2pix's only source of noise unless `noise_inject` adds
+StyleGAN's per-pixel noise inputs (Karras et al. 2019) after each decoder block's
+upsampling convolution: one Gaussian value per pixel, times a learned per-channel
+scale that starts at 0, for stochastic texture. The decoder upsamples by 4x4
 stride-2 transposed convolutions (pix2pix's), or with `upsample="resize"` by
 nearest-neighbour x2 then a 3x3 convolution (Odena et al. 2016, "Deconvolution and
 checkerboard artifacts"): every output pixel then gets the same number of kernel
@@ -71,25 +74,52 @@ def upsampling_conv(cin, cout, upsample, bias=True):
     raise ValueError(f"unknown upsample {upsample!r}; expected 'transpose' or 'resize'")
 
 
+def pixel_noise(like, generators=None):
+    """(B, 1, H, W) standard normal noise for `like`: from the global RNG, or image i's
+    from generators[i], drawn on the CPU so a seed gives the same noise on any device."""
+    b, _, h, w = like.shape
+    if generators is None:
+        return torch.randn(b, 1, h, w, device=like.device, dtype=like.dtype)
+    return torch.stack([torch.randn(1, h, w, generator=g) for g in generators]).to(like.device, like.dtype)
+
+
+class NoiseInjection(nn.Module):
+    """x + scale x noise: one noise value per pixel, shared by the channels, each
+    channel with a learned scale that starts at 0 (the block starts as without noise)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x, generators=None):
+        return x + self.scale.to(x.dtype) * pixel_noise(x, generators)
+
+
 class UpBlock(nn.Module):
-    def __init__(self, cin, cout, norm, dropout, upsample):
+    def __init__(self, cin, cout, norm, dropout, upsample, noise_inject=False):
         super().__init__()
         layers = [upsampling_conv(cin, cout, upsample, bias=norm == "instance"), make_norm(norm, cout), nn.ReLU()]
         if dropout:
             layers.append(nn.Dropout(0.5))
         self.block = nn.Sequential(*layers)
+        # Outside `block`, so the keys of checkpoints without noise stay as they were.
+        self.noise = NoiseInjection(cout) if noise_inject else None
 
-    def forward(self, x):
-        return self.block(x)
+    def forward(self, x, generators=None):
+        if self.noise is None:
+            return self.block(x)
+        x = self.noise(self.block[0](x), generators)
+        return self.block[1:](x)
 
 
 class Generator(nn.Module):
-    noise_dim = 0  # its only noise is dropout
+    noise_dim = 0  # no noise vector: dropout, and the noise inputs when on
 
     def __init__(self, in_channels=6, out_channels=3, ngf=64, norm="batch", dropout=True,
-                 num_downs=NUM_DOWNSAMPLINGS, upsample="transpose"):
+                 num_downs=NUM_DOWNSAMPLINGS, upsample="transpose", noise_inject=False):
         super().__init__()
         self.size_multiple = 2 ** num_downs
+        self.noise_inject = noise_inject
         widths = [ngf * min(2 ** i, 8) for i in range(num_downs - 1)]  # [1, 2, 4, 8, 8, ...] * ngf
         # Encoder: num_downs - 1 blocks (256 -> 2 at depth 8), the first without norm, then the bottleneck (2 -> 1).
         self.downs = nn.ModuleList([DownBlock(in_channels, widths[0], norm, use_norm=False)])
@@ -98,19 +128,24 @@ class Generator(nn.Module):
         self.bottleneck = nn.Sequential(nn.Conv2d(widths[-1], ngf * 8, 4, 2, 1, padding_mode="reflect"), nn.ReLU())
         # Decoder: num_downs - 1 blocks (1 -> 128 at depth 8); from the second on, input is concatenated with the skip.
         rev = widths[::-1]  # [..., 8, 8, 4, 2, 1] * ngf
-        self.ups = nn.ModuleList([UpBlock(ngf * 8, rev[0], norm, dropout, upsample)])
+        self.ups = nn.ModuleList([UpBlock(ngf * 8, rev[0], norm, dropout, upsample, noise_inject)])
         for i in range(1, len(rev)):
-            self.ups.append(UpBlock(rev[i - 1] * 2, rev[i], norm, dropout and i < 3, upsample))
+            self.ups.append(UpBlock(rev[i - 1] * 2, rev[i], norm, dropout and i < 3, upsample, noise_inject))
         self.final = nn.Sequential(upsampling_conv(widths[0] * 2, out_channels, upsample), nn.Tanh())
 
-    def forward(self, x):
+    def forward(self, x, seeds=None):
+        """`seeds` (one int per image) seed the noise inputs, block after block; without
+        them (training) the noise comes from the global RNG. Ignored without noise inputs."""
+        generators = None
+        if self.noise_inject and seeds is not None:
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         skips = []
         for down in self.downs:
             x = down(x)
             skips.append(x)
-        x = self.ups[0](self.bottleneck(x))
+        x = self.ups[0](self.bottleneck(x), generators)
         for up, skip in zip(self.ups[1:], reversed(skips[1:])):
-            x = up(torch.cat([x, skip], dim=1))
+            x = up(torch.cat([x, skip], dim=1), generators)
         return self.final(torch.cat([x, skips[0]], dim=1))
 
 

@@ -25,7 +25,10 @@ scales; --gan-loss picks hinge or bce.
   pixels), so every class present in the batch counts alike and the mean weight is 1.
 - The third slot, loss_l1 = --l1-lambda x L1(fake, real), is added to G's loss for
   every combination. OASIS trains without it (--l1-lambda 0 there), but the value
-  given is used as given.
+  given is used as given. `lowpass_l1` compares the images average-pooled by a
+  factor instead: L1 then anchors colour and layout and leaves the texture to D.
+- `r1_penalty` (Mescheder et al. 2018) is the squared gradient of D's logits on
+  real images, for D's loss.
 """
 import torch
 from torch.nn import functional as F
@@ -123,6 +126,41 @@ def oasis_d_loss(d, mask, real, fake, cfg):
 
 def oasis_g_loss(d, mask, real, fake, cfg):
     return balanced_cross_entropy(d(fake), mask.argmax(1))
+
+
+# --------------------------------------------------------------------------- regularisers
+
+def r1_penalty(d_out_real, real_image):
+    """Mean over the batch of |grad of D's logits wrt the real image|^2 (R1).
+
+    `d_out_real` is D's output on `real_image`, which must have been made to require
+    gradients before D saw it (after augmentation too: the gradient then flows back
+    through it to the image, as stylegan2-ada does). A patch D's logits are summed
+    per image; a multiscale D's output (per scale, features with the logits last)
+    has its logits summed over the scales. The graph is kept, so the penalty trains D.
+
+    The caller scales it: D's loss + gamma / 2 x r1_penalty. Lazily, as stylegan2
+    does, every `interval` steps only, with gamma / 2 x interval so that its weight
+    per step stays the same (stylegan2 also scales Adam's learning rate and betas by
+    interval / (interval + 1) for the extra steps of D).
+    """
+    if isinstance(d_out_real, (list, tuple)):
+        logits = torch.stack([scale[-1].float().sum() for scale in d_out_real]).sum()
+    else:
+        logits = d_out_real.float().sum()
+    grad, = torch.autograd.grad(logits, real_image, create_graph=True, allow_unused=True)
+    if grad is None:  # D does not read the image at all
+        return real_image.new_zeros((), dtype=torch.float32)
+    return grad.float().square().flatten(1).sum(1).mean()
+
+
+def lowpass_l1(fake, real, factor):
+    """L1 between the images average-pooled by `factor` (1: plain L1)."""
+    if factor < 1 or factor != int(factor):
+        raise ValueError(f"the low-pass factor must be a whole number >= 1, got {factor}")
+    if factor > 1:
+        fake, real = F.avg_pool2d(fake, factor), F.avg_pool2d(real, factor)
+    return F.l1_loss(fake.float(), real.float())
 
 
 # (D's loss, G's adversarial loss), each called as f(d, mask, real, fake, step config).

@@ -90,6 +90,40 @@ def pannuke_to_labels(mask):
     return labels
 
 
+def pannuke_to_instances(mask):
+    """(H, W, 6) PanNuke mask -> (H, W) int32 instance map (0 = no nucleus).
+
+    Each class channel numbers its nuclei from 1, so channel c's ids are shifted past
+    the largest id of the channels before it, making every nucleus's id unique. Where
+    two channels overlap, the lower channel wins, as in pannuke_to_labels.
+    """
+    ids = np.asarray(mask)[..., :BACKGROUND].astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(ids.reshape(-1, BACKGROUND).max(0, initial=0))[:-1]])
+    instances = np.zeros(ids.shape[:2], dtype=np.int32)
+    for c in reversed(range(BACKGROUND)):
+        nucleus = ids[..., c] > 0
+        instances[nucleus] = ids[..., c][nucleus] + offsets[c]
+    return instances
+
+
+def instance_edges(instance_map):
+    """(H, W) instance map (0 = no nucleus) -> (H, W) uint8 edge map (pix2pixHD's):
+    1 where a 4-neighbour has another id, so one of the two is a nucleus. It outlines
+    every nucleus, and marks both sides of the border between touching nuclei of one
+    class, which the class map alone merges into one region."""
+    ids = np.asarray(instance_map)
+    if ids.ndim != 2:
+        raise ValueError(f"expected an (H, W) instance map, got shape {ids.shape}")
+    edges = np.zeros(ids.shape, dtype=bool)
+    down = ids[1:, :] != ids[:-1, :]
+    right = ids[:, 1:] != ids[:, :-1]
+    edges[1:, :] |= down
+    edges[:-1, :] |= down
+    edges[:, 1:] |= right
+    edges[:, :-1] |= right
+    return edges.astype(np.uint8)
+
+
 def labels_to_onehot(labels, num_classes=NUM_CLASSES, dtype=torch.float32):
     """(..., H, W) integer class map tensor -> (..., num_classes, H, W) one-hot."""
     onehot = torch.nn.functional.one_hot(labels.long(), num_classes)
