@@ -171,6 +171,9 @@ GAN_OPTIONS = (
               help="oasis: weight of LabelMix (D's output on real and fake mixed by mask class must be the "
                    "same mix of its outputs), added to D's loss; 0 = off"),
     GanOption("l1_lambda", L1_LAMBDA, group="losses", minimum=0, help="weight of the L1 reconstruction loss"),
+    GanOption("l1_lowpass", 1, group="losses", minimum=1, legacy=1,
+              help="take the L1 loss between the images average-pooled by this factor, so that L1 anchors colour "
+                   "and layout and leaves fine texture to D; 1 = plain L1 (pix2pix)"),
     GanOption("smooth_real", True, group="losses", help="draw D's positive labels from --real-label-range instead of 1"),
     GanOption("smooth_fake", True, group="losses", help="draw D's negative labels from --fake-label-range instead of 0"),
     GanOption("real_label_range", REAL_LABEL_RANGE, group="losses", metavar=("LO", "HI"),

@@ -17,7 +17,7 @@ from config import (GAN_OPTIONS, check_epochs_left, check_training_config, flag_
 from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, read_resume_checkpoint)
-from losses import LOSSES
+from losses import LOSSES, lowpass_l1
 from loop import Loop, StopRequest
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
@@ -59,7 +59,7 @@ def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, m
     plain_d.requires_grad_(False)
     with cfg.autocast:
         loss_adv = g_adv_loss(plain_d, mask, real, fake, cfg)
-        loss_l1 = nn.functional.l1_loss(fake.float(), real.float()) * cfg.l1_lambda
+        loss_l1 = lowpass_l1(fake, real, cfg.l1_lowpass) * cfg.l1_lambda
         loss_g = loss_adv + loss_l1
     opt_g.zero_grad(set_to_none=True)
     scaler_g.scale(loss_g).backward()

@@ -36,7 +36,7 @@ def test_a_new_option_declared_once_reaches_the_flags_the_step_and_the_run(monke
     monkeypatch.setattr(train_utils, "GAN_OPTIONS", config.GAN_OPTIONS)
     args = training_parser().parse_args(["--toy-weight", "2"])
     assert args.toy_weight == 2.0
-    assert StepConfig(None, args).toy_weight == 2.0
+    assert StepConfig(options=args).toy_weight == 2.0
     assert config.fill_legacy({"l1_lambda": 75.0}, model=False)["toy_weight"] == 0.0
     with pytest.raises(UserError, match="--toy-weight must be at least 0"):
         config.check_gan_options(training_parser().parse_args(["--toy-weight", "-1"]))
@@ -99,9 +99,9 @@ def test_bench_builds_the_networks_the_training_script_builds(flags):
 
 def test_bench_times_the_default_losses():
     args = bench.parse_args(["--gan-loss", "bce", "--feat-match-lambda", "3"])
-    step = StepConfig(None, args)
+    step = StepConfig(options=args)
     assert (step.gan_loss, step.feat_match_lambda) == ("bce", 3.0)
-    assert StepConfig(None, bench.parse_args([])).feat_match_lambda == config.GAN_OPTION["feat_match_lambda"].default
+    assert StepConfig(options=bench.parse_args([])).feat_match_lambda == config.GAN_OPTION["feat_match_lambda"].default
 
 
 def test_describe_names_the_networks_and_what_differs_from_the_defaults():
@@ -116,3 +116,32 @@ def test_step_config_takes_defaults_then_the_run_then_overrides():
     step = StepConfig(torch.autocast("cpu", enabled=False), cfg, gan_loss="bce")
     assert step.l1_lambda == 10.0 and step.real_label_range == (0.8, 1.0) and step.gan_loss == "bce"
     assert step.labelmix_lambda == config.GAN_OPTION["labelmix_lambda"].default
+
+
+@pytest.mark.parametrize("factor", [1, 4])
+def test_l1_lowpass_takes_l1_between_the_pooled_images(factor, one_thread):
+    """--l1-lowpass, the option docs/design.md adds as its example: one GanOption in
+    config.py, and its use in train_utils.gan_train_step."""
+    import copy
+
+    from torch.nn import functional as F
+
+    from runtime import make_optimizer
+    from train_utils import gan_train_step
+
+    args = training_parser().parse_args(["--l1-lowpass", str(factor), "--discriminator", "patch"])
+    model_cfg = gan.model_config(args, CONIC, 32)
+    torch.manual_seed(0)
+    g, d = gan.build_generator({**model_cfg, "ngf": 4, "ndf": 4}), gan.build_discriminator({**model_cfg, "ndf": 4})
+    mask = F.one_hot(torch.randint(0, CONIC.num_classes, (2, 32, 32)), CONIC.num_classes).permute(0, 3, 1, 2).float()
+    real = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.manual_seed(1)
+    fake = copy.deepcopy(g)(mask)  # the step's fake: the same weights and dropout draws
+    expected = F.l1_loss(F.avg_pool2d(fake, factor), F.avg_pool2d(real, factor)) * args.l1_lambda
+    opts = [make_optimizer(m.parameters(), 1e-3, (0.5, 0.999), torch.device("cpu")) for m in (g, d)]
+    scalers = [torch.amp.GradScaler("cpu", enabled=False) for _ in range(2)]
+    torch.manual_seed(1)
+    losses = gan_train_step(g, d, *opts, *scalers, mask, real, StepConfig(options=args))
+    assert losses[2].item() == pytest.approx(expected.item(), rel=1e-5)
+    if factor > 1:  # pooling changes the loss: the option reached the step
+        assert losses[2].item() != pytest.approx((F.l1_loss(fake, real) * args.l1_lambda).item(), rel=1e-3)
