@@ -63,6 +63,9 @@ CLASSIFIER_IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Realism metrics (metrics.py)
+PRDC_K = 5   # neighbours per ball in precision/recall/density/coverage (Naeem et al. 2020's default)
+
 # Run bookkeeping
 SEED = 42
 SAVE_EVERY_EPOCHS = 10
