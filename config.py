@@ -65,6 +65,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Realism metrics (metrics.py)
 PRDC_K = 5   # neighbours per ball in precision/recall/density/coverage (Naeem et al. 2020's default)
+# The calibration ladder (degradations.py): real tiles degraded in known ways, scored beside each generator.
+LADDER_BLUR_SIGMA = 1.0                 # Gaussian blur, pixels
+LADDER_JPEG_QUALITY = 30                # PIL JPEG quality (4:2:0 chroma subsampling, PIL's default)
+LADDER_HED_SHIFT = (0.01, -0.01, 0.0)   # added to skimage's rgb2hed (haematoxylin, eosin, DAB): bluer, less pink;
+                                        # about 10 grey levels of mean change on lizard_128
 
 # Run bookkeeping
 SEED = 42

@@ -1,12 +1,17 @@
 """The study's judge, piece by piece: precision/recall/density/coverage on feature sets
 with known answers (and against the `prdc` package when it is installed), paired
-differences and t-intervals against hand-worked numbers, and CoNIC's two panoptic
+differences and t-intervals against hand-worked numbers, CoNIC's two panoptic
 qualities on a hand-made pair of images where the per-image mean and the pooled value
-differ."""
+differ, and the calibration ladder's degradations on real lizard_128 tiles."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import degradations
 import metrics
+
+LIZARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "lizard_128"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,3 +175,60 @@ def test_mpq_plus_a_wrong_class_is_a_miss_in_one_class_and_a_false_positive_in_a
     assert result["mpq+"] == 0.0
     with pytest.raises(ValueError, match="one shape"):
         metrics.mpq_plus(pred[0], pred[1][:5], true[0], true[1])
+
+
+# --------------------------------------------------------------------------- the calibration ladder
+
+@pytest.fixture(scope="module")
+def lizard_tiles():
+    """Eight real uint8 (128, 128, 3) lizard_128 tiles."""
+    if not (LIZARD / "images.npy").is_file():
+        pytest.skip(f"lizard_128 not found under {LIZARD}")
+    return np.array(np.load(LIZARD / "images.npy", mmap_mode="r")[::130][:8])
+
+
+def mean_abs_change(a, b):
+    return float(np.abs(a.astype(np.float64) - b).mean())
+
+
+@pytest.mark.parametrize("name", ["blur", "jpeg", "stain"])
+def test_each_rung_changes_real_tiles_by_a_bounded_amount(name, lizard_tiles):
+    before = lizard_tiles.copy()
+    degraded = degradations.calibration_ladder(lizard_tiles)[name]
+    assert degraded.dtype == np.uint8 and degraded.shape == lizard_tiles.shape
+    assert np.array_equal(lizard_tiles, before)  # the input is untouched
+    # Visible (over 1 grey level on average) but far from a different image (about 47 between two different tiles here).
+    assert 1.0 < mean_abs_change(degraded, lizard_tiles) < 20.0
+    assert np.array_equal(degraded, degradations.calibration_ladder(lizard_tiles)[name])  # deterministic
+
+
+def test_blur_keeps_brightness_and_flat_tiles(lizard_tiles):
+    blurred = degradations.gaussian_blur(lizard_tiles)
+    assert abs(blurred.mean() - lizard_tiles.mean()) < 0.5  # a normalised kernel moves no mass
+    flat = np.full((1, 16, 16, 3), 200, np.uint8)
+    assert np.array_equal(degradations.gaussian_blur(flat), flat)
+    # Fine detail goes: the mean squared difference between neighbouring pixels drops.
+    def detail(x):
+        return np.square(np.diff(x.astype(np.float64), axis=2)).mean()
+    assert detail(blurred) < 0.7 * detail(lizard_tiles)
+
+
+def test_jpeg_quality_orders_the_damage(lizard_tiles):
+    assert (mean_abs_change(degradations.jpeg(lizard_tiles, quality=30), lizard_tiles)
+            > mean_abs_change(degradations.jpeg(lizard_tiles, quality=90), lizard_tiles) > 0)
+
+
+def test_stain_shift_makes_tiles_bluer(lizard_tiles):
+    # More haematoxylin (blue-purple) and less eosin (pink): blue gains on red.
+    shifted = degradations.stain_shift(lizard_tiles).astype(np.float64)
+    original = lizard_tiles.astype(np.float64)
+    assert (shifted[..., 2] - shifted[..., 0]).mean() > (original[..., 2] - original[..., 0]).mean() + 5
+    # With no shift the round trip through stain space is near lossless: the change above is the shift's.
+    assert mean_abs_change(degradations.stain_shift(lizard_tiles, shift=(0, 0, 0)), lizard_tiles) < 0.5
+
+
+def test_ladder_rejects_what_is_not_uint8_rgb_tiles():
+    with pytest.raises(ValueError, match="uint8 RGB tiles"):
+        degradations.gaussian_blur(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="uint8 RGB tiles"):
+        degradations.jpeg(np.zeros((8, 8, 3), np.uint8))
