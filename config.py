@@ -65,6 +65,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Realism metrics (metrics.py)
 PRDC_K = 5   # neighbours per ball in precision/recall/density/coverage (Naeem et al. 2020's default)
+# The whole-tile C2ST (metrics.tile_c2st): a classifier small and short-trained enough that sigma = 1 blurred
+# real tiles do not score 1.0, so generators can be ranked against the calibration ladder.
+C2ST_WIDTHS = (8, 16, 32, 32)   # channels of its four stride-2 conv layers (metrics.C2STNet)
+C2ST_EPOCHS = 40
+C2ST_FOLDS = 4
+C2ST_BATCH_SIZE = 32
+C2ST_LR = 1e-2                  # peak of the one-cycle schedule
 # The calibration ladder (degradations.py): real tiles degraded in known ways, scored beside each generator.
 LADDER_BLUR_SIGMA = 1.0                 # Gaussian blur, pixels
 LADDER_JPEG_QUALITY = 30                # PIL JPEG quality (4:2:0 chroma subsampling, PIL's default)

@@ -232,3 +232,26 @@ def test_ladder_rejects_what_is_not_uint8_rgb_tiles():
         degradations.gaussian_blur(np.zeros((2, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="uint8 RGB tiles"):
         degradations.jpeg(np.zeros((8, 8, 3), np.uint8))
+
+
+# --------------------------------------------------------------------------- the whole-tile C2ST
+
+def test_tile_c2st_scores_blurred_real_tiles_above_the_real_vs_real_floor():
+    """A small, fast configuration (64 whole tiles a side, 3 folds, 10 epochs): two
+    disjoint halves of real tiles sit at chance, and the same second half blurred with
+    sigma = 1 above the floor's interval."""
+    if not (LIZARD / "images.npy").is_file():
+        pytest.skip(f"lizard_128 not found under {LIZARD}")
+    images = np.load(LIZARD / "images.npy", mmap_mode="r")
+    tiles = np.array(images[np.sort(np.random.default_rng(0).choice(len(images), 128, replace=False))])
+    a, b = metrics.real_vs_real_split(len(tiles), seed=0)
+    small = dict(epochs=10, folds=3, seed=0)
+    floor = metrics.tile_c2st(tiles[a], tiles[b], **small)
+    blurred = metrics.tile_c2st(tiles[a], degradations.gaussian_blur(tiles[b]), **small)
+    for result in (floor, blurred):
+        assert result["n"] == 128 and len(result["folds"]) == 3
+        assert result["accuracy"] == pytest.approx(np.mean(result["folds"]))
+        assert 0 <= result["ci95"][0] <= result["accuracy"] <= result["ci95"][1] <= 1
+        assert result["config"]["epochs"] == 10 and result["config"]["folds"] == 3
+    assert floor["ci95"][0] <= 0.5 <= floor["ci95"][1], floor
+    assert blurred["accuracy"] > floor["ci95"][1], (floor, blurred)
