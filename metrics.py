@@ -528,12 +528,11 @@ def c2st(real, fake, folds=5, epochs=15, seed=0, device="cpu", batch_size=32, lr
 def tile_c2st(real, fake, widths=C2ST_WIDTHS, epochs=C2ST_EPOCHS, folds=C2ST_FOLDS, batch_size=C2ST_BATCH_SIZE,
               lr=C2ST_LR, seed=0, device="cpu"):
     """The C2ST of whole tiles at the config.py C2ST_* settings: `c2st`'s classifier and
-    training with `widths` (capacity), `epochs` and `folds` as chosen there.
+    training, with `widths` (capacity), `epochs` and `folds` fixed in one place so that
+    the calibration ladder and every generator are judged by one configuration.
 
-    Pass whole tiles, not crops: fewer, larger images and a short schedule keep the
-    classifier from separating every loss of fine detail (on 64 px crops c2st scores
-    sigma = 1 blurred real tiles at about 1.0), so degraded real tiles and generators
-    spread out between the real-vs-real floor and 1.0.
+    Pass whole tiles, not crops. Score the ladder's degraded real tiles beside each
+    generator, both against the same real tiles, to read where the generator sits.
     Returns {"accuracy": mean of the fold accuracies, "ci95": its 95% t-interval over
     the folds (t_interval, clipped to [0, 1]), "folds", "n": held-out predictions,
     "config": the settings used}."""
