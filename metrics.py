@@ -19,7 +19,7 @@ Weight-free realism, for clusters (and machines) that cannot download Inception:
     c2st(real, fake, ...)          classifier two-sample test: held-out accuracy of a
                                    small CNN trained from scratch (0.5 = indistinguishable)
     tile_c2st(real, fake, ...)     the same on whole tiles at the config.py C2ST_* settings,
-                                   with a t-interval over folds: a score with range
+                                   with a t-interval over folds
     real_vs_real_split(n)          two disjoint halves, for every metric's real-vs-real floor
     prdc(real, fake, k)            precision, recall, density, coverage (Naeem et al. 2020):
                                    fidelity and diversity as separate numbers
@@ -384,39 +384,6 @@ def wilson_interval(successes, n, z=1.96):
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-# --------------------------------------------------------------------------- statistics over repeated runs
-
-def t_interval(values):
-    """(mean, 95% Student-t interval (lo, hi)) of independent values, e.g. one score per
-    seed or per fold: mean +- t(0.975, n - 1) x sd / sqrt(n), sd with n - 1. The
-    interval is None for fewer than two values, the mean too for none."""
-    values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    if n == 0:
-        return None, None
-    mean = float(values.mean())
-    if n < 2:
-        return mean, None
-    from scipy.stats import t
-
-    half = float(t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
-    return mean, (mean - half, mean + half)
-
-
-def paired_difference(a, b):
-    """Mean of the per-seed differences a[i] - b[i] with its 95% t-interval
-    (t_interval of the differences, not of a and b apart: the seed's share of the
-    noise cancels in each pair). Pairs where either side is None (an undefined score)
-    are left out. Returns {"mean", "ci95", "n": pairs used, "excludes_zero": whether
-    the interval lies wholly above or below 0 (False without an interval)}."""
-    if len(a) != len(b):
-        raise ValueError(f"paired_difference: need one value per seed on each side, got {len(a)} and {len(b)}")
-    differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-    mean, ci95 = t_interval(differences)
-    return {"mean": mean, "ci95": ci95, "n": len(differences),
-            "excludes_zero": ci95 is not None and (ci95[0] > 0 or ci95[1] < 0)}
-
-
 class C2STNet(nn.Module):
     """The C2ST classifier: one stride-2 conv-BN-ReLU block per entry of `widths`, global
     average pool, one logit (about 15k parameters for the default widths). Sees uint8
@@ -542,6 +509,39 @@ def tile_c2st(real, fake, widths=C2ST_WIDTHS, epochs=C2ST_EPOCHS, folds=C2ST_FOL
     return {"accuracy": accuracy, "ci95": (max(0.0, ci95[0]), min(1.0, ci95[1])), "folds": result["folds"],
             "n": result["n"], "config": {"widths": list(widths), "epochs": epochs, "folds": folds,
                                          "batch_size": batch_size, "lr": lr}}
+
+
+# --------------------------------------------------------------------------- statistics over repeated runs
+
+def t_interval(values):
+    """(mean, 95% Student-t interval (lo, hi)) of independent values, e.g. one score per
+    seed or per fold: mean +- t(0.975, n - 1) x sd / sqrt(n), sd with n - 1. The
+    interval is None for fewer than two values, the mean too for none."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = float(values.mean())
+    if n < 2:
+        return mean, None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return mean, (mean - half, mean + half)
+
+
+def paired_difference(a, b):
+    """Mean of the per-seed differences a[i] - b[i] with its 95% t-interval
+    (t_interval of the differences, not of a and b apart: the seed's share of the
+    noise cancels in each pair). Pairs where either side is None (an undefined score)
+    are left out. Returns {"mean", "ci95", "n": pairs used, "excludes_zero": whether
+    the interval lies wholly above or below 0 (False without an interval)}."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: need one value per seed on each side, got {len(a)} and {len(b)}")
+    differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    mean, ci95 = t_interval(differences)
+    return {"mean": mean, "ci95": ci95, "n": len(differences),
+            "excludes_zero": ci95 is not None and (ci95[0] > 0 or ci95[1] < 0)}
 
 
 # --------------------------------------------------------------------------- instance metrics
