@@ -68,6 +68,22 @@ CLASSIFIER_IMAGE_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
+# Realism metrics (metrics.py)
+PRDC_K = 5   # neighbours per ball in precision/recall/density/coverage (Naeem et al. 2020's default)
+# The whole-tile C2ST (metrics.tile_c2st), one configuration for the calibration ladder and every generator.
+# On 104 + 104 lizard_128 tiles, one thread: two real halves 0.48; sigma = 1 blurred tiles 0.99 at these
+# settings, 0.97 at 10 epochs, 0.98 at widths (4, 8, 8, 8) and 10 epochs. Less training alone gives no range there.
+C2ST_WIDTHS = (8, 16, 32, 32)   # channels of its four stride-2 conv layers (metrics.C2STNet)
+C2ST_EPOCHS = 40
+C2ST_FOLDS = 4
+C2ST_BATCH_SIZE = 32
+C2ST_LR = 1e-2                  # peak of the one-cycle schedule
+# The calibration ladder (degradations.py): real tiles degraded in known ways, scored beside each generator.
+LADDER_BLUR_SIGMA = 1.0                 # Gaussian blur, pixels
+LADDER_JPEG_QUALITY = 30                # PIL JPEG quality (4:2:0 chroma subsampling, PIL's default)
+LADDER_HED_SHIFT = (0.01, -0.01, 0.0)   # added to skimage's rgb2hed (haematoxylin, eosin, DAB): bluer, less pink;
+                                        # about 10 grey levels of mean change on lizard_128
+
 # Run bookkeeping
 SEED = 42
 SAVE_EVERY_EPOCHS = 10

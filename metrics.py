@@ -18,7 +18,18 @@ Weight-free realism, for clusters (and machines) that cannot download Inception:
                                    user's real tiles (a "domain" distance, not FID/KID)
     c2st(real, fake, ...)          classifier two-sample test: held-out accuracy of a
                                    small CNN trained from scratch (0.5 = indistinguishable)
+    tile_c2st(real, fake, ...)     the same on whole tiles at the config.py C2ST_* settings,
+                                   with a t-interval over folds
     real_vs_real_split(n)          two disjoint halves, for every metric's real-vs-real floor
+    prdc(real, fake, k)            precision, recall, density, coverage (Naeem et al. 2020):
+                                   fidelity and diversity as separate numbers
+Statistics over repeated runs:
+    t_interval(values)             mean and t-interval of independent values (e.g. C2ST folds)
+    paired_difference(a, b)        mean per-seed difference a - b with its t-interval
+Instance metrics:
+    panoptic_quality(pred, true)   PQ pooled over all maps
+    pq_per_image(pred, true)       CoNIC's binary "pq": mean over images
+    mpq_plus(...)                  CoNIC's "mpq+": per class pooled over images, mean over classes
 
 Feature networks (`load_feature_extractor`), both mapping uint8 (N, 3, 299, 299) to (N, D):
   - the FID Inception (TF 2015-12-05 weights, 2048-d pool features) as torchmetrics
@@ -37,7 +48,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dataset.masks import PANNUKE
+from config import C2ST_BATCH_SIZE, C2ST_EPOCHS, C2ST_FOLDS, C2ST_LR, C2ST_WIDTHS, PRDC_K
+from dataset.masks import CONIC, PANNUKE
 from runtime import load_model_state
 from utils import UserError, atomic_save_torch, safe_torch_load
 
@@ -332,6 +344,36 @@ def real_vs_real_split(n, seed=0):
     return np.sort(perm[:half]), np.sort(perm[half:2 * half])
 
 
+def prdc(real, fake, k=PRDC_K):
+    """Precision, recall, density and coverage (Naeem et al. 2020) of two (N, D) feature
+    arrays, with k-nearest-neighbour balls: each point's ball reaches its k-th nearest
+    neighbour in its own set (itself not counted), and "inside" means strictly closer.
+
+    precision: share of fakes inside some real ball ("looks real");
+    recall:    share of reals inside some fake ball ("covers the real variety");
+    density:   real balls holding each fake, / k, averaged over fakes (1 for two sets
+               from one distribution; above 1 where fakes crowd dense real regions);
+    coverage:  share of reals whose ball holds at least one fake.
+    Euclidean distances in float64. Needs 1 <= k < the size of each set."""
+    real, fake = _check_features(real, fake)
+    if not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"prdc: need 1 <= k < the size of each set, got k={k} with {len(real)} real "
+                         f"and {len(fake)} fake rows")
+
+    def distances(a, b):  # exact differences, not the |a|^2 - 2ab + |b|^2 shortcut, so ties stay ties
+        return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+    # k + 1: every point is its own nearest neighbour, at distance 0.
+    real_radius = distances(real, real).kthvalue(k + 1, dim=1).values
+    fake_radius = distances(fake, fake).kthvalue(k + 1, dim=1).values
+    real_to_fake = distances(real, fake)
+    in_real_ball = real_to_fake < real_radius[:, None]
+    return {"precision": float(in_real_ball.any(0).double().mean()),
+            "recall": float((real_to_fake < fake_radius[None, :]).any(1).double().mean()),
+            "density": float(in_real_ball.sum(0).double().mean() / k),
+            "coverage": float((real_to_fake.min(1).values < real_radius).double().mean())}
+
+
 def wilson_interval(successes, n, z=1.96):
     """Wilson score interval (lo, hi) of a binomial proportion (95% for z = 1.96)."""
     if n == 0:
@@ -450,7 +492,67 @@ def c2st(real, fake, folds=5, epochs=15, seed=0, device="cpu", batch_size=32, lr
     return {"accuracy": hits / n, "ci95": wilson_interval(hits, n), "folds": fold_acc, "n": n}
 
 
+def tile_c2st(real, fake, widths=C2ST_WIDTHS, epochs=C2ST_EPOCHS, folds=C2ST_FOLDS, batch_size=C2ST_BATCH_SIZE,
+              lr=C2ST_LR, seed=0, device="cpu"):
+    """The C2ST of whole tiles at the config.py C2ST_* settings: `c2st`'s classifier and
+    training, with `widths` (capacity), `epochs` and `folds` fixed in one place so that
+    the calibration ladder and every generator are judged by one configuration.
+
+    Pass whole tiles, not crops. Score the ladder's degraded real tiles beside each
+    generator, both against the same real tiles, to read where the generator sits.
+    Returns {"accuracy": mean of the fold accuracies, "ci95": its 95% t-interval over
+    the folds (t_interval, clipped to [0, 1]), "folds", "n": held-out predictions,
+    "config": the settings used}."""
+    result = c2st(real, fake, folds=folds, epochs=epochs, seed=seed, device=device, batch_size=batch_size, lr=lr,
+                  widths=widths)
+    accuracy, ci95 = t_interval(result["folds"])
+    return {"accuracy": accuracy, "ci95": (max(0.0, ci95[0]), min(1.0, ci95[1])), "folds": result["folds"],
+            "n": result["n"], "config": {"widths": list(widths), "epochs": epochs, "folds": folds,
+                                         "batch_size": batch_size, "lr": lr}}
+
+
+# --------------------------------------------------------------------------- statistics over repeated runs
+
+def t_interval(values):
+    """(mean, 95% Student-t interval (lo, hi)) of independent values, e.g. one score per
+    seed or per fold: mean +- t(0.975, n - 1) x sd / sqrt(n), sd with n - 1. The
+    interval is None for fewer than two values, the mean too for none."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return None, None
+    mean = float(values.mean())
+    if n < 2:
+        return mean, None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return mean, (mean - half, mean + half)
+
+
+def paired_difference(a, b):
+    """Mean of the per-seed differences a[i] - b[i] with its 95% t-interval
+    (t_interval of the differences, not of a and b apart: the seed's share of the
+    noise cancels in each pair). Pairs where either side is None (an undefined score)
+    are left out. Returns {"mean", "ci95", "n": pairs used, "excludes_zero": whether
+    the interval lies wholly above or below 0 (False without an interval)}."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: need one value per seed on each side, got {len(a)} and {len(b)}")
+    differences = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    mean, ci95 = t_interval(differences)
+    return {"mean": mean, "ci95": ci95, "n": len(differences),
+            "excludes_zero": ci95 is not None and (ci95[0] > 0 or ci95[1] < 0)}
+
+
 # --------------------------------------------------------------------------- instance metrics
+
+def _instance_stacks(*maps):
+    """Integer maps of one shape, (H, W) or (N, H, W), as (N, H, W) arrays."""
+    maps = [np.asarray(m) for m in maps]
+    if len({m.shape for m in maps}) != 1 or maps[0].ndim not in (2, 3):
+        raise ValueError(f"expected (H, W) or (N, H, W) maps of one shape, got {' and '.join(str(m.shape) for m in maps)}")
+    return [m[None] if m.ndim == 2 else m for m in maps]
+
 
 def panoptic_quality(pred_instances, true_instances):
     """Panoptic quality (Kirillov et al. 2019) of nucleus instance maps, as HoVer-Net and CoNIC score them.
@@ -462,11 +564,7 @@ def panoptic_quality(pred_instances, true_instances):
     SQ the mean matched IoU and DQ = TP / (TP + FP/2 + FN/2). Returns {"pq", "sq", "dq",
     "tp", "fp", "fn"}; pq and dq are None when neither side has an instance, sq when
     nothing matched."""
-    pred, true = np.asarray(pred_instances), np.asarray(true_instances)
-    if pred.shape != true.shape or pred.ndim not in (2, 3):
-        raise ValueError(f"expected two (H, W) or (N, H, W) instance maps of one shape, got {pred.shape} and {true.shape}")
-    if pred.ndim == 2:
-        pred, true = pred[None], true[None]
+    pred, true = _instance_stacks(pred_instances, true_instances)
     tp = fp = fn = 0
     iou_sum = 0.0
     for p, t in zip(pred.astype(np.int64), true.astype(np.int64)):
@@ -483,3 +581,36 @@ def panoptic_quality(pred_instances, true_instances):
     denominator = tp + fp / 2 + fn / 2
     return {"pq": iou_sum / denominator if denominator else None, "sq": iou_sum / tp if tp else None,
             "dq": tp / denominator if denominator else None, "tp": tp, "fp": fp, "fn": fn}
+
+
+def _zero_if_undefined(pq):
+    # CoNIC's code divides by TP + FP/2 + FN/2 + 1e-6: with no instance on either side PQ is 0, not undefined.
+    return 0.0 if pq is None else pq
+
+
+def pq_per_image(pred_instances, true_instances):
+    """CoNIC's binary panoptic quality "pq" (TissueImageAnalytics/CoNIC compute_stats.py):
+    the PQ of each (H, W) map on its own, averaged over the maps, with every nucleus
+    counted whatever its class. A map with no instance on either side scores 0, as there.
+
+    panoptic_quality on the same stack pools the matches of all maps first, which weighs
+    each nucleus equally instead of each image: the two differ whenever images differ in
+    nucleus count and quality."""
+    pred, true = _instance_stacks(pred_instances, true_instances)
+    return float(np.mean([_zero_if_undefined(panoptic_quality(p, t)["pq"]) for p, t in zip(pred, true)]))
+
+
+def mpq_plus(pred_instances, pred_classes, true_instances, true_classes, labels_set=CONIC):
+    """CoNIC's multi-class panoptic quality "mpq+": for each nucleus class, the PQ of the
+    instances of that class (an instance map masked by its class map), pooled over all
+    maps; then the mean over the classes. A class with no instance on either side in
+    the whole set scores 0 and still counts in the mean, as in CoNIC's compute_stats.py.
+
+    All four arrays: integer maps of one shape, (H, W) or (N, H, W). Returns {"mpq+",
+    "per_class": {class name: pooled PQ}}."""
+    pred_instances, pred_classes, true_instances, true_classes = _instance_stacks(
+        pred_instances, pred_classes, true_instances, true_classes)
+    per_class = {labels_set.class_names[c]: _zero_if_undefined(panoptic_quality(
+        np.where(pred_classes == c, pred_instances, 0), np.where(true_classes == c, true_instances, 0))["pq"])
+        for c in labels_set.nucleus_classes}
+    return {"mpq+": float(np.mean(list(per_class.values()))), "per_class": per_class}
