@@ -5,7 +5,7 @@ seeded noise. The training step and loop are in train_utils.py, the losses in lo
 """
 import torch
 
-from dataset.masks import NUM_CLASSES, PANNUKE, get_label_set, labels_to_onehot
+from dataset.masks import NUM_CLASSES, PANNUKE, get_label_set, label_set_spec, labels_to_onehot
 from discriminator_model import Discriminator, MultiscaleDiscriminator, OasisDiscriminator
 from generator_model import NUM_DOWNSAMPLINGS, Generator, SPADEGenerator, depth_for_tile, init_weights, seeded_noise
 from runtime import load_model_state
@@ -46,7 +46,7 @@ def model_config(cfg, labels, tile):
         depth = cfg.unet_depth or depth_for_tile(tile)
     except ValueError as exc:
         raise UserError(f"{cfg.data_dir}: {exc}") from None
-    config = dict(ngf=cfg.ngf, ndf=cfg.ndf, norm=cfg.norm, label_set=labels.name, unet_depth=depth,
+    config = dict(ngf=cfg.ngf, ndf=cfg.ndf, norm=cfg.norm, label_set=label_set_spec(labels), unet_depth=depth,
                   generator=cfg.generator, discriminator=cfg.discriminator, noise_dim=cfg.noise_dim)
     if cfg.generator == "unet":
         config.update(dropout=cfg.dropout, upsample=cfg.upsample)

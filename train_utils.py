@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import check_epochs_left, check_option_ranges, check_training_config, settle_config, training_parser
+from dataset.masks import get_label_set
 from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, read_resume_checkpoint)
@@ -185,10 +186,11 @@ def check_resume(cfg, model_cfg, resume):
     if resume is None:
         return
     saved = resume["model_config"]
-    if saved["label_set"] != model_cfg["label_set"]:
-        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {saved['label_set']} "
-                        f"label set, but {cfg.data_dir} gives {model_cfg['label_set']} masks")
-    differ = [k for k in {**saved, **model_cfg} if saved.get(k) != model_cfg.get(k)]
+    saved_classes, data_classes = get_label_set(saved["label_set"]), get_label_set(model_cfg["label_set"])
+    if not saved_classes.same_classes(data_classes):
+        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {saved_classes.describe()}, but "
+                        f"{cfg.data_dir} gives {data_classes.name} masks (the {data_classes.describe()})")
+    differ = [k for k in {**saved, **model_cfg} if k != "label_set" and saved.get(k) != model_cfg.get(k)]
     if differ:
         raise UserError(f"checkpoint {cfg.resume} was trained with {as_flags(saved, [k for k in differ if k in saved])}, "
                         f"but this run asks for {as_flags(model_cfg, [k for k in differ if k in model_cfg])}; leave "
