@@ -160,7 +160,10 @@ def read_classes(path):
 
 
 def write_classes(path, label_set):
-    atomic_save_text(path, json.dumps(label_set.record(), indent=1) + "\n")
+    """classes.json of `label_set`, one class a line (easy to edit)."""
+    record = label_set.record()
+    classes = ",\n".join(f"  {json.dumps(c)}" for c in record.pop("classes"))
+    atomic_save_text(path, json.dumps(record)[:-1] + f', "classes": [\n{classes}\n]}}\n')
 
 
 def distinct_colours(count):

@@ -10,12 +10,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, preserved_signal_handlers
+from conftest import REPO, SHARED_DATA, preserved_signal_handlers
 from PIL import Image
 
 from dataset.conic import CoNIC, patch_source, split_by_source
 from dataset.folder import FolderTiles, open_folder, split_folder
-from dataset.masks import CONIC, labels_to_onehot
+from dataset.masks import CONIC
 from gan import prepare_batch
 from utils import UserError
 
@@ -82,6 +82,13 @@ def test_index_and_palette_masks_give_the_same_onehot(tmp_path):
     expected = torch.nn.functional.one_hot(torch.from_numpy(labels).long(), 3).permute(2, 0, 1)[None].float()
     for onehot in onehots:
         assert torch.equal(onehot, expected)
+
+
+def test_demo_drawn_mask_is_a_folder_of_conic_masks():
+    folder = open_folder(REPO / "demo_assets" / "drawn_masks", CONIC, masks_only=True, check_data=True)
+    classes = FolderTiles(folder).classes(0)
+    assert folder.names == ["drawn_mask"] and classes.shape == (192, 256)
+    assert set(np.unique(classes)) == set(range(CONIC.num_classes))
 
 
 @pytest.fixture(scope="module")
