@@ -1,5 +1,5 @@
-"""The GAN training step and the epoch loop shared by train_pannuke.py,
-train_utp.py, train_conic.py and their _ddp twins. The step's losses are in losses.py.
+"""The GAN training step and the epoch loop shared by train_pannuke.py, train_utp.py,
+train_conic.py, train_folder.py and their _ddp twins. The step's losses are in losses.py.
 
 One loop runs the same on one device and under torchrun (runtime.distributed).
 Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
