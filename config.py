@@ -43,6 +43,8 @@ CONIC_DIR = "data/conic"
 CONIC_TEST_FRACTION = 0.2
 CROP_SIZE = 256
 CROPS_PER_IMAGE = 4
+FOLDER_DIR = "data/folder"
+FOLDER_TEST_FRACTION = 0.2
 
 # Resolutions (um per pixel)
 PANNUKE_MPP = 0.25       # 40x
@@ -409,6 +411,23 @@ def add_conic_training_data_args(p):
                         "when read)")
 
 
+def add_folder_training_data_args(p):
+    g = p.add_argument_group("data (a folder of image and mask files)")
+    g.add_argument("--data-dir", default=FOLDER_DIR,
+                   help="folder holding images/NAME.png|.jpg|.tif and masks/NAME.png (index or palette PNGs), "
+                        "optionally classes.json and split.csv (see dataset/folder.py)")
+    g.add_argument("--crop-size", type=int, default=CROP_SIZE,
+                   help="side of the random square crop each visit of a tile trains on; smaller tiles are refused")
+    g.add_argument("--test-fraction", type=float, default=FOLDER_TEST_FRACTION,
+                   help="share of tiles held out for testing, whole sources (name prefixes) at a time")
+    g.add_argument("--split-file", default=None,
+                   help="a CSV with columns name,split (train/test) to use instead of DATA_DIR/split.csv or a "
+                        "seeded split by source")
+    g.add_argument("--check-data", action="store_true",
+                   help="check every mask's values at start-up (default: a sample; each mask is also checked "
+                        "when read)")
+
+
 def training_parser(dataset, add_data_args, out_dir):
     """Options shared by the GAN training scripts (and their _ddp twins): the data
     options `add_data_args(parser)` adds, then networks, optimisation, outputs and
@@ -521,15 +540,19 @@ def test_parser():
         formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file, or wandb:ENTITY/PROJECT/ARTIFACT:VERSION (needs an online account)")
-    p.add_argument("--dataset", default="pannuke", choices=["pannuke", "unitopatho", "conic"])
+    p.add_argument("--dataset", default="pannuke", choices=["pannuke", "unitopatho", "conic", "folder"])
+    p.add_argument("--masks-only", action="store_true",
+                   help="folder: paint every mask of --data-dir (DATA_DIR/masks/*.png, or DATA_DIR/*.png), any "
+                        "size, without images or split; the output is again a folder dataset")
     p.add_argument("--data-dir", default=None, help="dataset root (default: the one the checkpoint trained on)")
     p.add_argument("--test-folds", type=int, nargs="+", default=list(TEST_FOLDS), help="PanNuke folds to generate")
     p.add_argument("--tissue", default=TISSUE, help="PanNuke tissue, or 'all'")
     p.add_argument("--masks-dir", default=UTP_MASKS_DIR, help="UniToPatho masks root")
     p.add_argument("--split", default="test", choices=["test", "train"],
-                   help="UniToPatho or CoNIC split to synthesise (train: extra training data); CoNIC's split is "
-                        "the training run's (its split file, or --split-file)")
-    p.add_argument("--split-file", default=None, help="CoNIC: a split CSV (patch_info,split) instead of the run's")
+                   help="UniToPatho, CoNIC or folder split to synthesise (train: extra training data); CoNIC's "
+                        "and a folder's split is the training run's (its split file, or --split-file)")
+    p.add_argument("--split-file", default=None,
+                   help="CoNIC or folder: a split CSV (patch_info,split or name,split) instead of the run's")
     p.add_argument("--label-set", default=None, choices=["conic", "pannuke"],
                    help="CoNIC: read the masks in CoNIC's classes or mapped to PanNuke's (default: as the "
                         "checkpoint's run did; conic for a run on other data)")
@@ -548,8 +571,8 @@ def test_parser():
                    help="eval: running BatchNorm statistics, no dropout (deterministic, independent of tiling "
                         "and batch); train: per-image statistics and dropout, as in the pix2pix paper")
     p.add_argument("--tile", action="store_true",
-                   help="UniToPatho: generate in overlapping tiles of the generator's training size, blended "
-                        "with a smooth window (bounded memory), instead of the whole padded image")
+                   help="UniToPatho and folder: generate in overlapping tiles of the generator's training size, "
+                        "blended with a smooth window (bounded memory), instead of the whole padded image")
     p.add_argument("--tile-overlap", type=int, default=64, help="pixels shared by neighbouring tiles")
     p.add_argument("--batch-size", type=int, default=8, help="patches or tiles per forward pass")
     p.add_argument("--grids", type=int, default=16, help="mask | real | fake grid PNGs to write (0: none)")

@@ -11,12 +11,14 @@ def to_uint8_image(tensor):
 
 
 def triplet_grid(labels, real, fake, labels_set=PANNUKE, gap=4):
-    """Rows of mask (in the label set's palette) | real | fake, as one uint8 image."""
+    """Rows of mask (in the label set's palette) | real | fake, as one uint8 image; with
+    `real` None (masks painted without images), rows of mask | fake."""
     rows = []
-    for lab, r, f in zip(labels, real, fake):
-        tiles = [labels_to_rgb(lab.cpu().numpy(), labels_set), to_uint8_image(r), to_uint8_image(f)]
+    for k, (lab, f) in enumerate(zip(labels, fake)):
+        tiles = [labels_to_rgb(lab.cpu().numpy(), labels_set), *([] if real is None else [to_uint8_image(real[k])]),
+                 to_uint8_image(f)]
         spacer = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
-        rows.append(np.concatenate([tiles[0], spacer, tiles[1], spacer, tiles[2]], axis=1))
+        rows.append(np.concatenate([x for tile in tiles for x in (tile, spacer)][:-1], axis=1))
     spacer = np.full((gap, rows[0].shape[1], 3), 255, np.uint8)
     return np.concatenate([x for row in rows for x in (row, spacer)][:-1], axis=0)
 

@@ -6,7 +6,7 @@ seeded noise. The training step and loop are in train_utils.py, the losses in lo
 import torch
 
 from config import GAN_OPTIONS, as_value, fill_legacy, flag_text, gan_values
-from dataset.masks import NUM_CLASSES, get_label_set, labels_to_onehot
+from dataset.masks import NUM_CLASSES, get_label_set, label_set_spec, labels_to_onehot
 from discriminator_model import Discriminator, MultiscaleDiscriminator, OasisDiscriminator
 from generator_model import Generator, SPADEGenerator, depth_for_tile, init_weights, seeded_noise
 from runtime import load_model_state
@@ -47,7 +47,7 @@ def model_config(cfg, labels, tile):
     except ValueError as exc:
         raise UserError(f"{cfg.data_dir}: {exc}") from None
     values = {**gan_values(cfg, ("networks",)), "unet_depth": depth}
-    return {"label_set": labels.name,
+    return {"label_set": label_set_spec(labels),
             **{o.name: values[o.name] for o in GAN_OPTIONS if o.model and o.applies(values)}}
 
 

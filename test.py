@@ -4,6 +4,8 @@
         --data-dir data/pannuke --test-folds 3 --tissue Colon --out-dir synthetic/pannuke
     python test.py --checkpoint runs/unitopatho/checkpoints/last.pt --dataset unitopatho \
         --data-dir data/unitopatho/800 --masks-dir data/unitopatho_masks --out-dir synthetic/unitopatho [--tile]
+    python test.py --checkpoint runs/folder/checkpoints/last.pt --dataset folder --masks-only \
+        --data-dir my_masks --out-dir synthetic/my_masks [--tile]
 Under torchrun each process writes its own share of the files. Files already
 written are skipped (--overwrite regenerates them), so an interrupted run resumes.
 OUT.synthetic.json, beside OUT, records the checkpoint that made them (sha256,
@@ -13,6 +15,11 @@ UniToPatho test images are generated at native size (1812 x 1812) from their mas
 and written as a drop-in copy of the split: OUT/<top_label_name>/<image_id> plus
 OUT/test.csv (see tiling.py for the whole-image and --tile modes). Nothing else
 goes inside OUT: the mask | real | fake grids go to OUT.grids/ (--grids-dir).
+
+A folder dataset (dataset/folder.py) is painted the same way, each tile at its own
+size, into OUT/images/NAME.png beside copies of its masks (and instance maps) and the
+checkpoint's classes.json, which a folder loader reads back: the run's test (or
+train) tiles, or with --masks-only every mask of a folder that has no images.
 
 Normalisation at generation time is explicit (--norm-mode): `eval` (default) uses
 the running BatchNorm statistics and no dropout, so an image does not depend on
@@ -34,8 +41,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import CONIC_TEST_FRACTION, SEED, test_parser
+from config import CONIC_TEST_FRACTION, FOLDER_TEST_FRACTION, SEED, test_parser
 from dataset.conic import build_conic, write_conic_folder
+from dataset.folder import FolderTiles, open_folder, split_folder, write_classes
 from dataset.masks import get_label_set
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
@@ -198,10 +206,26 @@ def data_dir_of(args, ckpt):
     return data_dir
 
 
+def open_folder_inputs(args, ckpt, data_dir):
+    """A folder's tiles of --split (the run's split, or --split-file), or with
+    --masks-only all its masks, read in the checkpoint's classes."""
+    folder = open_folder(data_dir, get_label_set(ckpt["model_config"]["label_set"]), masks_only=args.masks_only)
+    if args.masks_only:
+        return FolderTiles(folder)
+    run = ckpt.get("config", {})
+    train_idx, test_idx = split_folder(folder, args.split_file or run.get("split_file"),
+                                       run.get("test_fraction", FOLDER_TEST_FRACTION), run.get("seed", SEED))
+    return FolderTiles(folder, train_idx if args.split == "train" else test_idx)
+
+
 def open_inputs(args, ckpt):
-    """What to generate from: PanNuke test patches, UniToPatho (image, mask) pairs, or
-    a CoNIC split; its masks must be in the generator's label set."""
+    """What to generate from: PanNuke test patches, UniToPatho (image, mask) pairs, a
+    CoNIC split, or a folder's tiles; its masks must be in the generator's label set."""
     data_dir = data_dir_of(args, ckpt)
+    if args.masks_only and args.dataset != "folder":
+        raise UserError(f"--masks-only paints a folder of masks: add --dataset folder (not {args.dataset})")
+    if args.dataset == "folder":
+        return open_folder_inputs(args, ckpt, data_dir)
     if args.dataset == "pannuke":
         inputs = build_pannuke(data_dir, args.test_folds, args.tissue, augment=False, split="test")
     elif args.dataset == "unitopatho":
@@ -212,10 +236,10 @@ def open_inputs(args, ckpt):
                              test_fraction=run.get("test_fraction", CONIC_TEST_FRACTION),
                              split_file=args.split_file or run.get("split_file"),
                              label_set=args.label_set or run.get("label_set", "conic"))
-    wanted = ckpt["model_config"]["label_set"]
-    if inputs.label_set.name != wanted:
-        raise UserError(f"{data_dir} gives masks in the {inputs.label_set.name} label set, but checkpoint "
-                        f"{args.checkpoint} is conditioned on the {wanted} label set")
+    wanted = get_label_set(ckpt["model_config"]["label_set"])
+    if not inputs.label_set.same_classes(wanted):
+        raise UserError(f"{data_dir} gives masks in the {inputs.label_set.describe()}, but checkpoint "
+                        f"{args.checkpoint} is conditioned on the {wanted.describe()}")
     return inputs
 
 
@@ -303,7 +327,52 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
     return len(split)
 
 
-WRITERS = {"pannuke": generate_pannuke, "unitopatho": generate_unitopatho, "conic": generate_conic}
+def generate_folder(args, generator, ckpt, device, autocast, rank, world_size, tiles):
+    """A folder dataset: OUT/images/NAME.png painted from each mask at its own size (whole,
+    or --tile), beside OUT/masks/NAME.png and OUT/instances/ (copies of the inputs) and
+    the checkpoint's classes as OUT/classes.json. A mask is copied before its image is
+    written, so an image on disk means its tile is complete."""
+    model_cfg = ckpt["model_config"]
+    multiple, classes = 2 ** model_cfg["unet_depth"], tiles.label_set
+    out_dir, grids_dir = Path(args.out_dir), grids_folder(args)
+    outputs = [inside(out_dir, out_dir / "images" / f"{name}.png") for name in tiles.names]
+    if rank == 0:
+        write_classes(out_dir / "classes.json", classes)
+    mine = list(range(rank, len(tiles), world_size))
+    todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
+
+    def forward(mask, seeds, image_seed):
+        return generate_images(generator, mask, autocast, args.norm_mode, seeds, [image_seed] * len(seeds))
+
+    grids_left = args.grids if rank == 0 else 0
+    for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0):
+        labels = tiles.classes(i)
+        copies = [(tiles.mask_path(i), out_dir / "masks" / f"{tiles.names[i]}.png")]
+        if tiles.instance_path(i) is not None:
+            copies.append((tiles.instance_path(i), out_dir / "instances" / tiles.instance_path(i).name))
+        for source, target in copies:
+            inside(out_dir, target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        seed = args.seed + i
+        image_forward = functools.partial(forward, image_seed=seed)
+        if args.tile:
+            fake = generate_tiled(image_forward, labels, device, args.tile_overlap, args.batch_size, seed,
+                                  args.channels_last, tile=multiple, num_classes=classes.num_classes)
+        else:
+            fake = generate_whole(image_forward, labels, device, seed, args.channels_last, multiple,
+                                  classes.num_classes)
+        atomic_save_png(to_uint8_image(fake), outputs[i])
+        if grids_left > 0:
+            real = None if args.masks_only else \
+                [torch.from_numpy(tiles.image(i)).permute(2, 0, 1).float().div(127.5).sub(1)]
+            grid = triplet_grid(torch.from_numpy(labels)[None], real, fake[None], classes)
+            atomic_save_png(grid, inside(grids_dir, grids_dir / f"grid_{i:04d}.png"))
+            grids_left -= 1
+    return len(tiles)
+
+
+WRITERS = {"pannuke": generate_pannuke, "unitopatho": generate_unitopatho, "conic": generate_conic,
+           "folder": generate_folder}
 
 
 @run_main

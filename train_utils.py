@@ -1,5 +1,5 @@
-"""The GAN training step and the epoch loop shared by train_pannuke.py,
-train_utp.py, train_conic.py and their _ddp twins. The step's losses are in losses.py.
+"""The GAN training step and the epoch loop shared by train_pannuke.py, train_utp.py,
+train_conic.py, train_folder.py and their _ddp twins. The step's losses are in losses.py.
 
 One loop runs the same on one device and under torchrun (runtime.distributed).
 Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
@@ -14,6 +14,7 @@ from torch import nn
 
 from config import (GAN_OPTIONS, check_epochs_left, check_training_config, flag_text, gan_values, settle_config,
                     training_parser)
+from dataset.masks import get_label_set
 from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, read_resume_checkpoint)
@@ -121,10 +122,11 @@ def check_resume(cfg, model_cfg, resume):
     if resume is None:
         return
     saved = resume["model_config"]
-    if saved["label_set"] != model_cfg["label_set"]:
-        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {saved['label_set']} "
-                        f"label set, but {cfg.data_dir} gives {model_cfg['label_set']} masks")
-    differ = [k for k in {**saved, **model_cfg} if saved.get(k) != model_cfg.get(k)]
+    saved_classes, data_classes = get_label_set(saved["label_set"]), get_label_set(model_cfg["label_set"])
+    if not saved_classes.same_classes(data_classes):
+        raise UserError(f"checkpoint {cfg.resume} is conditioned on the {saved_classes.describe()}, but "
+                        f"{cfg.data_dir} gives {data_classes.name} masks (the {data_classes.describe()})")
+    differ = [k for k in {**saved, **model_cfg} if k != "label_set" and saved.get(k) != model_cfg.get(k)]
     if differ:
         def flags(record):
             return " ".join(flag_text(k, record[k]) for k in differ if k in record)

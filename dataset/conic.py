@@ -136,8 +136,8 @@ def open_conic(data_dir, check_data=False):
     return images, labels, names
 
 
-def split_by_source(names, test_fraction=0.2, seed=0):
-    """(train_indices, test_indices) into `names`, whole source images to one side.
+def split_by_source(names, test_fraction=0.2, seed=0, source=patch_source):
+    """(train_indices, test_indices) into `names`, whole source images (`source(name)`) to one side.
 
     Sources are visited in a seeded random order and each goes to test when that
     brings the test patch count closer to test_fraction of all patches, so test gets
@@ -147,7 +147,7 @@ def split_by_source(names, test_fraction=0.2, seed=0):
         raise UserError(f"test fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     groups = {}
     for i, name in enumerate(names):
-        groups.setdefault(patch_source(name), []).append(i)
+        groups.setdefault(source(name), []).append(i)
     sources = sorted(groups)
     if len(sources) < 2:
         found = f"all come from {sources[0]!r}" if sources else "there are none"
@@ -170,37 +170,38 @@ def split_by_source(names, test_fraction=0.2, seed=0):
     return np.array(train_idx, dtype=np.int64), np.array(test_idx, dtype=np.int64)
 
 
-def write_split_file(path, names, train_idx, test_idx):
-    """CSV `patch_info,split` (train/test), one row per listed patch, in patch order."""
+def write_split_file(path, names, train_idx, test_idx, column="patch_info"):
+    """CSV `<column>,split` (train/test), one row per listed patch, in patch order."""
     split = {int(i): "train" for i in train_idx}
     both = [names[int(i)] for i in test_idx if int(i) in split]
     if both:
         raise ValueError(f"patch {both[0]!r} is on both sides of the split")
     split.update({int(i): "test" for i in test_idx})
     rows = sorted(split)
-    table = pd.DataFrame({"patch_info": [names[i] for i in rows], "split": [split[i] for i in rows]})
+    table = pd.DataFrame({column: [names[i] for i in rows], "split": [split[i] for i in rows]})
     atomic_save_text(path, table.to_csv(index=False, lineterminator="\n"))
 
 
-def read_split_file(path, names):
-    """(train_idx, test_idx) into `names` from a split file. Patches of `names` that
-    the file does not list are on neither side."""
+def read_split_file(path, names, column="patch_info", listed_in="patch_info.csv"):
+    """(train_idx, test_idx) into `names` from a split file (columns `<column>,split`).
+    Patches of `names` that the file does not list are on neither side; `listed_in`
+    says where `names` come from, for the error about an unknown patch."""
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:
         raise UserError(f"cannot read split file {path}: {exc}") from None
-    missing = [c for c in ("patch_info", "split") if c not in table.columns]
+    missing = [c for c in (column, "split") if c not in table.columns]
     if missing:
         raise UserError(f"split file {path}: missing column(s) {', '.join(missing)} "
-                        f"(expected columns patch_info,split); got {list(table.columns)}")
+                        f"(expected columns {column},split); got {list(table.columns)}")
     index = {name: i for i, name in enumerate(names)}
     sides = {"train": [], "test": []}
     seen = set()
     # Row r of the table is line r + 2 of the file (line 1 is the header).
-    for r, (name, side) in enumerate(zip(table["patch_info"], table["split"])):
+    for r, (name, side) in enumerate(zip(table[column], table["split"])):
         where = f"split file {path}, line {r + 2}"
         if name not in index:
-            raise UserError(f"{where}: unknown patch {name!r} (not in patch_info.csv)")
+            raise UserError(f"{where}: unknown patch {name!r} (not in {listed_in})")
         if side not in sides:
             raise UserError(f"{where}: split {side!r} for patch {name!r} (expected 'train' or 'test')")
         if name in seen:

@@ -1,7 +1,9 @@
 """Nucleus-class maps, their one-hot form, and the label sets with their palettes.
 
 A label set is the list of classes a generator is conditioned on; it is part of a
-run and stored in its checkpoint. Two are native:
+run and stored in its checkpoint's model config: by name for the native sets, and
+as its record (label_set_spec) for any other, such as a folder dataset's
+classes.json, so such a checkpoint carries its classes with it. Two are native:
 - pannuke (PanNuke's mask channel order): 0 Neoplastic, 1 Inflammatory,
   2 Connective/Soft tissue, 3 Dead, 4 Epithelial, 5 Background;
 - conic (CoNIC/Lizard class ids): 0 Background, 1 Neutrophil, 2 Epithelial,
@@ -30,12 +32,20 @@ PALETTE = np.array([
 ], dtype=np.uint8)
 
 
-@dataclass(frozen=True)
+MAX_CLASSES = 256   # class maps are uint8
+
+
+@dataclass(frozen=True, eq=False)
 class LabelSet:
     name: str
     class_names: tuple
     palette: np.ndarray    # (num_classes, 3) uint8, in class order
-    background: int
+    background: int        # the background's class index
+    ids: tuple = None      # the value of each class in index masks; default: its index
+
+    def __post_init__(self):
+        if self.ids is None:
+            object.__setattr__(self, "ids", tuple(range(len(self.class_names))))
 
     @property
     def num_classes(self):
@@ -44,6 +54,23 @@ class LabelSet:
     @property
     def nucleus_classes(self):
         return [c for c in range(self.num_classes) if c != self.background]
+
+    def record(self):
+        """The classes as plain data (the classes.json format, see label_set_from_record)."""
+        return {"name": self.name, "background": int(self.ids[self.background]),
+                "classes": [{"id": int(i), "name": n, "colour": [int(v) for v in c]}
+                            for i, n, c in zip(self.ids, self.class_names, self.palette)]}
+
+    def same_classes(self, other):
+        """The same classes in the same order (names, ids, colours, background); the set's name aside."""
+        return (self.class_names == other.class_names and self.ids == other.ids
+                and self.background == other.background and np.array_equal(self.palette, other.palette))
+
+    def describe(self):
+        """The set's name, then each class's id, name and colour on one line, background marked."""
+        classes = ", ".join(f"{i} {n} #{bytes(map(int, c)).hex()}" + (" (background)" if k == self.background else "")
+                            for k, (i, n, c) in enumerate(zip(self.ids, self.class_names, self.palette)))
+        return f"{self.name} label set [{classes}]"
 
 
 PANNUKE = LabelSet("pannuke", CLASS_NAMES, PALETTE, BACKGROUND)
@@ -67,12 +94,64 @@ LABEL_SETS = {ls.name: ls for ls in (PANNUKE, CONIC)}
 CONIC_TO_PANNUKE = np.array([BACKGROUND, 1, 4, 1, 1, 1, 2], dtype=np.uint8)
 
 
-def get_label_set(name):
-    """The LabelSet called `name` (a ValueError lists the known ones)."""
+def get_label_set(spec):
+    """The LabelSet a checkpoint or option names: a native set's name (a ValueError lists
+    the known ones), or a record (label_set_from_record)."""
+    if isinstance(spec, dict):
+        return label_set_from_record(spec)
     try:
-        return LABEL_SETS[name]
+        return LABEL_SETS[spec]
     except KeyError:
-        raise ValueError(f"unknown label set {name!r}; known: {', '.join(LABEL_SETS)}") from None
+        raise ValueError(f"unknown label set {spec!r}; known: {', '.join(LABEL_SETS)}") from None
+
+
+def label_set_spec(label_set):
+    """What a checkpoint records of a label set: the name of a native one, else its record."""
+    return label_set.name if LABEL_SETS.get(label_set.name) is label_set else label_set.record()
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def label_set_from_record(record):
+    """A LabelSet from its record, checked (a ValueError says what is wrong):
+
+        {"name": "my-lab",                 (optional; default "folder")
+         "background": 0,                  the id of the background class
+         "classes": [{"id": 0, "name": "Background", "colour": [255, 255, 255]}, ...]}
+
+    Class k of the generator's input is entry k; ids are the classes' values in index
+    masks (0..65535), colours their colours in colour masks. Ids, names and colours are
+    each unique."""
+    if not isinstance(record, dict) or not isinstance(record.get("classes"), list):
+        raise ValueError('expected an object with a "classes" list and a "background" id')
+    classes = record["classes"]
+    if not 2 <= len(classes) <= MAX_CLASSES:
+        raise ValueError(f"expected 2 to {MAX_CLASSES} classes (background included), got {len(classes)}")
+    for k, c in enumerate(classes):
+        if not isinstance(c, dict) or not {"id", "name", "colour"} <= set(c):
+            raise ValueError(f'classes[{k}]: expected an object with "id", "name" and "colour", got {c!r}')
+        if not _is_int(c["id"]) or not 0 <= c["id"] <= 65535:
+            raise ValueError(f"classes[{k}]: id must be an integer 0..65535, got {c['id']!r}")
+        if not isinstance(c["name"], str) or not c["name"]:
+            raise ValueError(f"classes[{k}]: name must be a non-empty string, got {c['name']!r}")
+        colour = c["colour"]
+        if not (isinstance(colour, list) and len(colour) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in colour)):
+            raise ValueError(f"classes[{k}] ({c['name']}): colour must be three integers 0..255, got {colour!r}")
+    for key in ("id", "name", "colour"):
+        values = [tuple(c[key]) if key == "colour" else c[key] for c in classes]
+        twice = next((v for k, v in enumerate(values) if v in values[:k]), None)
+        if twice is not None:
+            raise ValueError(f"{key} {twice!r} is given to two classes")
+    ids = tuple(c["id"] for c in classes)
+    if record.get("background") not in ids or not _is_int(record["background"]):
+        raise ValueError(f"background must be one of the class ids {list(ids)}, got {record.get('background')!r}")
+    name = record.get("name", "folder")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty string, got {name!r}")
+    return LabelSet(name, tuple(c["name"] for c in classes), np.array([c["colour"] for c in classes], np.uint8),
+                    ids.index(record["background"]), ids)
 
 
 def pannuke_to_labels(mask):
