@@ -86,6 +86,11 @@ LADDER_JPEG_QUALITY = 30                # PIL JPEG quality (4:2:0 chroma subsamp
 LADDER_HED_SHIFT = (0.01, -0.01, 0.0)   # added to skimage's rgb2hed (haematoxylin, eosin, DAB): bluer, less pink;
                                         # about 10 grey levels of mean change on lizard_128
 
+# The G average's BatchNorm statistics are re-estimated from this many batches of training masks
+# (ema.recompute_batchnorm_stats) before it paints or is saved.
+EMA_BATCHNORM_BATCHES = 8
+EMA_BATCHNORM_BATCH_SIZE = 8
+
 # Run bookkeeping
 SEED = 42
 SAVE_EVERY_EPOCHS = 10
@@ -205,6 +210,13 @@ GAN_OPTIONS = (
     GanOption("beta2", BETAS[1], group="optimisation", minimum=0, below=1, help="Adam beta2"),
     GanOption("scale_lr", False, group="optimisation",
               help="multiply the learning rate by the world size (linear scaling under DDP)"),
+    GanOption("ema_half_life", 0, group="optimisation", minimum=0, legacy=0,
+              help="paint with an exponential moving average of G's weights whose half-life is this many training "
+                   "images (stylegan2's ema_kimg x 1000): sample grids, test.py and study.py then use it "
+                   "(test.py --no-ema: the raw G); 0 = off"),
+    GanOption("ema_rampup", 0.05, group="optimisation", minimum=0,
+              help="with --ema-half-life: cap the half-life at this fraction of the images seen so far, so a "
+                   "short run's average does not stay near the initial weights; 0 = no cap"),
 )
 GAN_OPTION = {option.name: option for option in GAN_OPTIONS}
 GAN_GROUPS = ("networks", "losses", "optimisation")
@@ -577,5 +589,8 @@ def test_parser():
     p.add_argument("--batch-size", type=int, default=8, help="patches or tiles per forward pass")
     p.add_argument("--grids", type=int, default=16, help="mask | real | fake grid PNGs to write (0: none)")
     p.add_argument("--overwrite", action="store_true", help="regenerate images that already exist")
+    p.add_argument("--ema", default=True, action=argparse.BooleanOptionalAction,
+                   help="paint with the checkpoint's moving average of G's weights (trained with --ema-half-life) "
+                        "when it has one; --no-ema paints with the raw G")
     add_device_args(p)
     return p

@@ -20,20 +20,22 @@ RESUME_KEYS = GENERATOR_KEYS + ("config", "discriminator", "opt_g", "opt_d", "sc
                                 "batches_done", "step", "history", "rng", "partial_sums")
 
 
+def prepare_mask(labels, device, channels_last=True, num_classes=NUM_CLASSES):
+    """uint8 class maps from the loader -> one-hot masks on device ((B, K, H, W) items of several crops -> B*K)."""
+    labels = labels.reshape(-1, *labels.shape[-2:]).to(device, non_blocking=True)
+    mask = labels_to_onehot(labels, num_classes)
+    return mask.contiguous(memory_format=torch.channels_last) if channels_last else mask
+
+
 def prepare_batch(labels, image, device, channels_last=True, num_classes=NUM_CLASSES):
     """uint8 class map + uint8 image from the loader -> one-hot mask and [-1, 1] image on device.
 
     Items holding several crops, (B, K, H, W) and (B, K, 3, H, W), become a batch of B*K."""
-    labels = labels.reshape(-1, *labels.shape[-2:])
-    image = image.reshape(-1, *image.shape[-3:])
-    labels = labels.to(device, non_blocking=True)
-    image = image.to(device, non_blocking=True)
-    mask = labels_to_onehot(labels, num_classes)
+    image = image.reshape(-1, *image.shape[-3:]).to(device, non_blocking=True)
     real = image.float().div_(127.5).sub_(1.0)
     if channels_last:
-        mask = mask.contiguous(memory_format=torch.channels_last)
         real = real.contiguous(memory_format=torch.channels_last)
-    return mask, real
+    return prepare_mask(labels, device, channels_last, num_classes), real
 
 
 def model_config(cfg, labels, tile):
@@ -120,11 +122,14 @@ def read_resume_checkpoint(path):
     return ckpt
 
 
-def load_generator(path, device):
-    """Rebuild the generator a checkpoint describes and load its weights."""
+def load_generator(path, device, ema=True):
+    """Rebuild the generator a checkpoint describes and load its weights: those of its
+    moving average (--ema-half-life) when it has one, unless `ema` is False."""
     ckpt = read_checkpoint(path)
     generator = build_generator(ckpt["model_config"])
-    load_model_state(generator, ckpt["generator"], path, f"generator ({ckpt['model_config']})")
+    averaged = ema and "generator_ema" in ckpt
+    state = ckpt["generator_ema"]["model"] if averaged else ckpt["generator"]
+    load_model_state(generator, state, path, f"generator{' average' if averaged else ''} ({ckpt['model_config']})")
     return generator.to(device), ckpt
 
 

@@ -135,15 +135,18 @@ def check_apart(args):
                                 f"written among the inputs: choose another {flag}")
 
 
-def checkpoint_identity(spec, path, ckpt, samples_per_mask):
+def checkpoint_identity(spec, path, ckpt, args):
+    """What made the images: the checkpoint (its sha256), which of its weights painted, and how many per mask."""
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    weights = "ema" if args.ema and "generator_ema" in ckpt else "raw"
     return {"checkpoint": str(spec), "sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
-            "samples_per_mask": samples_per_mask}
+            "weights": weights, "samples_per_mask": args.samples_per_mask}
 
 
 def describe(identity):
-    return f"{identity.get('checkpoint')} (epoch {identity.get('epoch')}, step {identity.get('step')})"
+    return (f"{identity.get('checkpoint')} (epoch {identity.get('epoch')}, step {identity.get('step')}, "
+            f"{identity.get('weights', 'raw')} weights)")
 
 
 def record_path(args):
@@ -170,7 +173,7 @@ def claim_out_dir(args, identity, is_main):
             if previous.get("samples_per_mask", 1) != identity["samples_per_mask"]:
                 raise UserError(f"{out} holds {previous.get('samples_per_mask', 1)} sample(s) per mask (see "
                                 f"{record}), not {identity['samples_per_mask']}; choose a new --out-dir")
-            if made_by != identity["sha256"]:
+            if made_by != identity["sha256"] or previous.get("weights", "raw") != identity["weights"]:
                 raise UserError(f"{out} holds images made by checkpoint {describe(previous)}, not by "
                                 f"{describe(identity)} (see {record}); pass --overwrite to regenerate them, "
                                 f"or choose a new --out-dir")
@@ -382,12 +385,12 @@ def main(argv=None):
         checkpoint = args.checkpoint
         if checkpoint.startswith("wandb:"):
             checkpoint = fetch_wandb_checkpoint(checkpoint, args.out_dir)
-        generator, ckpt = load_generator(checkpoint, device)
+        generator, ckpt = load_generator(checkpoint, device, ema=args.ema)
         args.data_dir = data_dir_of(args, ckpt)
         check_apart(args)
         check_samples(args, ckpt["model_config"])
         inputs = open_inputs(args, ckpt)  # read and checked before anything is written
-        identity = checkpoint_identity(args.checkpoint, checkpoint, ckpt, args.samples_per_mask)
+        identity = checkpoint_identity(args.checkpoint, checkpoint, ckpt, args)
         claim_out_dir(args, identity, info.is_main)
         if args.channels_last:
             generator = generator.to(memory_format=torch.channels_last)

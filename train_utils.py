@@ -8,16 +8,18 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from config import (GAN_OPTIONS, check_epochs_left, check_training_config, flag_text, gan_values, settle_config,
-                    training_parser)
+from config import (EMA_BATCHNORM_BATCH_SIZE, EMA_BATCHNORM_BATCHES, GAN_OPTIONS, check_epochs_left,
+                    check_training_config, flag_text, gan_values, settle_config, training_parser)
 from dataset.masks import get_label_set
+from ema import GeneratorEMA, recompute_batchnorm_stats
 from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
-                 model_config, prepare_batch, read_resume_checkpoint)
+                 model_config, prepare_batch, prepare_mask, read_resume_checkpoint)
 from losses import LOSSES, lowpass_l1
 from loop import Loop, StopRequest
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
@@ -74,13 +76,41 @@ def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, m
 
 @dataclass
 class Networks:
-    """G and D (wrapped for DDP/compile as configured), their optimisers and scalers."""
+    """G and D (wrapped for DDP/compile as configured), their optimisers and scalers, and
+    with --ema-half-life G's moving average with the training masks (one-hot batches,
+    made on demand) its BatchNorm statistics are re-estimated from."""
     generator: nn.Module
     discriminator: nn.Module
     opt_g: torch.optim.Optimizer
     opt_d: torch.optim.Optimizer
     scaler_g: torch.amp.GradScaler
     scaler_d: torch.amp.GradScaler
+    ema: GeneratorEMA = None
+    ema_masks: Callable[[], Iterable[torch.Tensor]] = None
+
+    def painter(self):
+        """The generator that paints samples and checkpoints: the average, with BatchNorm
+        statistics of its own (ema.py says why), or the raw G."""
+        if self.ema is None:
+            return unwrap(self.generator)
+        recompute_batchnorm_stats(self.ema.model, self.ema_masks())
+        return self.ema.model
+
+    def ema_state(self):
+        """The average as a checkpoint holds it, BatchNorm statistics re-estimated."""
+        self.painter()
+        return self.ema.state_dict()
+
+
+def ema_mask_batches(train_set, device, channels_last, num_classes):
+    """A function giving the fixed training masks the average's BatchNorm statistics are
+    re-estimated from, as one-hot batches of at least two (BatchNorm's minimum)."""
+    count = min(len(train_set), EMA_BATCHNORM_BATCHES * EMA_BATCHNORM_BATCH_SIZE)
+    labels = [train_set[i][0] for i in range(count)]
+    batches = [torch.stack(labels[i:i + EMA_BATCHNORM_BATCH_SIZE])
+               for i in range(0, count, EMA_BATCHNORM_BATCH_SIZE)]
+    batches = [b for b in batches if b[..., 0, 0].numel() >= 2]
+    return lambda: (prepare_mask(b, device, channels_last, num_classes) for b in batches)
 
 
 def build_networks(cfg, model_cfg, resume, info, device, channels_last, precision):
@@ -112,6 +142,10 @@ def build_networks(cfg, model_cfg, resume, info, device, channels_last, precisio
     else:
         # Same weights on every rank (DDP also broadcasts rank 0's), different dropout noise.
         torch.manual_seed(cfg.seed + info.rank)
+    if cfg.ema_half_life:
+        nets.ema = GeneratorEMA(generator, cfg.ema_half_life, cfg.ema_rampup or None)
+        if resume is not None and "generator_ema" in resume:  # else the average starts from the resumed G
+            nets.ema.load_state_dict(resume["generator_ema"])
     nets.generator = maybe_compile(wrap_ddp(nets.generator, info, device), cfg.compile)
     nets.discriminator = maybe_compile(wrap_ddp(nets.discriminator, info, device), cfg.compile)
     return nets
@@ -145,7 +179,8 @@ def gan_payload(cfg, model_cfg, nets):
             "generator": unwrap(nets.generator).state_dict(), "discriminator": unwrap(nets.discriminator).state_dict(),
             "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
             "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-            "model_config": model_cfg, "config": vars(cfg)}
+            "model_config": model_cfg, "config": vars(cfg),
+            **({"generator_ema": nets.ema_state()} if nets.ema is not None else {})}
 
 
 @dataclass
@@ -169,7 +204,7 @@ def end_of_epoch(cfg, loop, nets, position, sums, samples, run):
     grid_path = out_dir / "samples" / f"epoch_{position.epoch:04d}.png"
     if samples.items is not None:
         mask, real = prepare_batch(*samples.items, samples.device, samples.channels_last, samples.labels.num_classes)
-        fake = generate(unwrap(nets.generator), mask, samples.autocast, "eval")
+        fake = generate(nets.painter(), mask, samples.autocast, "eval")
         atomic_save_png(triplet_grid(samples.items[0], real, fake, samples.labels), grid_path)
     save_loss_plot(position.history, out_dir / "loss_curves.png")
     print(f"epoch {position.epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
@@ -226,6 +261,8 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
 
         # --- networks and where the run stands
         nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
+        if nets.ema is not None:
+            nets.ema_masks = ema_mask_batches(train_set, device, channels_last, labels.num_classes)
         loop = Loop(cfg.out_dir, info, device, LOSS_NAMES, lambda: gan_payload(cfg, model_cfg, nets), stop,
                     cfg.log_every, cfg.save_every_steps)
         position = loop.restore(resume, cfg.resume, log)
@@ -239,8 +276,11 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
 
         def step(batch):
             mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes)
-            return gan_train_step(nets.generator, nets.discriminator, nets.opt_g, nets.opt_d, nets.scaler_g,
-                                  nets.scaler_d, mask, real, step_cfg)
+            losses = gan_train_step(nets.generator, nets.discriminator, nets.opt_g, nets.opt_d, nets.scaler_g,
+                                    nets.scaler_d, mask, real, step_cfg)
+            if nets.ema is not None:
+                nets.ema.update(unwrap(nets.generator), len(mask))
+            return losses
 
         def log_losses(means):
             if run is not None:
