@@ -233,3 +233,47 @@ class AdaptiveP:
         self.p, self.signs, self.logits, self.images = (float(state["p"]), float(state["signs"]),
                                                         int(state["logits"]), int(state["images"]))
         self.last_rt = state["last_rt"]
+
+
+# --------------------------------------------------------------------------- --d-augment
+
+DIFFAUGMENT = ("brightness", "saturation", "contrast", "translate", "cutout")  # DiffAugment's colour,translation,cutout
+
+
+class DiscriminatorAugment:
+    """What --d-augment does to D's inputs, with its own seeded RNG (saved in checkpoints):
+    none; diffaug, DiffAugment's transforms on every image; ada, every transform with ADA's
+    adaptive p (fed D's logits on real images through `observe`). `exclude` drops
+    transforms a discriminator cannot take (cutout leaves mask pixels of no class, which
+    OASIS's per-pixel targets cannot score)."""
+
+    MODES = ("none", "diffaug", "ada")
+
+    def __init__(self, mode, seed, device, exclude=()):
+        if mode not in self.MODES:
+            raise ValueError(f"unknown --d-augment {mode!r}; known: {', '.join(self.MODES)}")
+        self.mode = mode
+        self.transforms = tuple(t for t in (DIFFAUGMENT if mode == "diffaug" else TRANSFORMS) if t not in exclude)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.ada = AdaptiveP() if mode == "ada" else None
+
+    @property
+    def p(self):
+        return {"none": 0.0, "diffaug": 1.0}.get(self.mode) if self.ada is None else self.ada.p
+
+    def __call__(self, mask, *images):
+        if self.mode == "none":
+            return (mask, *images)
+        return augment(mask, *images, p=self.p, generator=self.generator, transforms=self.transforms)
+
+    def observe(self, d_real_logits, batch_images):
+        if self.ada is not None:
+            self.ada.observe(d_real_logits, batch_images)
+
+    def state_dict(self):
+        return {"rng": self.generator.get_state(), "ada": self.ada.state_dict() if self.ada else None}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["rng"])
+        if self.ada is not None and state["ada"] is not None:
+            self.ada.load_state_dict(state["ada"])

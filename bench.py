@@ -43,6 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import gan
 import runtime as rt
 import train_utils as tu
+from augment import DiscriminatorAugment
 from config import CROPS_PER_IMAGE, add_gan_args, check_gan_options
 from dataset.masks import PALETTE, PANNUKE
 from dataset.pannuke import PanNukeFolds
@@ -199,6 +200,8 @@ class TrainPath:
         if compile:
             self.gen, self.disc = rt.maybe_compile(self.gen, True), rt.maybe_compile(self.disc, True)
         self.compiled = compile
+        self.nets = tu.Networks(self.gen, self.disc, self.opt_g, self.opt_d, self.scaler_g, self.scaler_d,
+                                augment=DiscriminatorAugment(step_cfg.d_augment, 0, device))
         self.loss_sums = torch.zeros(3, device=device)  # as run_training keeps them: on the device
         self.timer = StepTimer(device)
         self.flops_per_step = self.warmup_s = None
@@ -207,8 +210,7 @@ class TrainPath:
         mask, real = gan.prepare_batch(labels, image, self.device, self.channels_last)
         if self.plain:
             return baseline_step(self.gen, self.disc, self.opt_g, self.opt_d, mask, real, self.step_cfg)
-        losses = tu.gan_train_step(self.gen, self.disc, self.opt_g, self.opt_d, self.scaler_g, self.scaler_d,
-                                   mask, real, self.step_cfg)
+        losses = tu.gan_train_step(self.nets, mask, real, self.step_cfg)
         self.loss_sums += losses
         return losses
 

@@ -86,6 +86,9 @@ LADDER_JPEG_QUALITY = 30                # PIL JPEG quality (4:2:0 chroma subsamp
 LADDER_HED_SHIFT = (0.01, -0.01, 0.0)   # added to skimage's rgb2hed (haematoxylin, eosin, DAB): bluer, less pink;
                                         # about 10 grey levels of mean change on lizard_128
 
+# Steps between lazy R1 penalties (stylegan2's 16), each weighted by the interval.
+R1_INTERVAL = 16
+
 # The G average's BatchNorm statistics are re-estimated from this many batches of training masks
 # (ema.recompute_batchnorm_stats) before it paints or is saved.
 EMA_BATCHNORM_BATCHES = 8
@@ -197,6 +200,14 @@ GAN_OPTIONS = (
     GanOption("l1_lowpass", 1, group="losses", minimum=1, legacy=1,
               help="take the L1 loss between the images average-pooled by this factor, so that L1 anchors colour "
                    "and layout and leaves fine texture to D; 1 = plain L1 (pix2pix)"),
+    GanOption("d_augment", "none", group="losses", choices=("none", "diffaug", "ada"), legacy="none",
+              help="augment D's inputs, real and fake alike, in D's and G's steps (augment.py): diffaug = "
+                   "DiffAugment's colour, translation and cutout on every image; ada = flips, 90-degree rotations, "
+                   "translation, cutout and colour incl. an H&E stain jitter, each with a probability p that ADA "
+                   "adapts to D's overfitting (target 0.6); geometric transforms move the mask with the image"),
+    GanOption("r1_gamma", 0.0, group="losses", minimum=0, legacy=0.0,
+              help="weight of the R1 penalty on D's gradient at real images, applied lazily every "
+                   "R1_INTERVAL steps (config.py); 0 = off"),
     GanOption("smooth_real", True, group="losses", help="draw D's positive labels from --real-label-range instead of 1"),
     GanOption("smooth_fake", True, group="losses", help="draw D's negative labels from --fake-label-range instead of 0"),
     GanOption("real_label_range", REAL_LABEL_RANGE, group="losses", metavar=("LO", "HI"),

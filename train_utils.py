@@ -5,7 +5,7 @@ One loop runs the same on one device and under torchrun (runtime.distributed).
 Rank 0 alone writes checkpoints, sample grids, plots and wandb logs.
 """
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable
@@ -13,14 +13,15 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from config import (EMA_BATCHNORM_BATCH_SIZE, EMA_BATCHNORM_BATCHES, GAN_OPTIONS, check_epochs_left,
+from config import (EMA_BATCHNORM_BATCH_SIZE, EMA_BATCHNORM_BATCHES, GAN_OPTIONS, R1_INTERVAL, check_epochs_left,
                     check_training_config, flag_text, gan_values, settle_config, training_parser)
 from dataset.masks import get_label_set
+from augment import DiscriminatorAugment
 from ema import GeneratorEMA, recompute_batchnorm_stats
 from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, prepare_mask, read_resume_checkpoint)
-from losses import LOSSES, lowpass_l1
+from losses import LOSSES, lowpass_l1, r1_penalty
 from loop import Loop, StopRequest
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
@@ -42,32 +43,40 @@ class StepConfig(SimpleNamespace):
         super().__init__(**{**defaults, **given, **overrides}, autocast=autocast)
 
 
-def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, mask, real, cfg):
-    """One update of D then G with the losses of D's kind (losses.LOSSES). Returns
-    (loss_d, loss_g_adv, loss_l1) as one detached tensor (no host-device
-    synchronisation here; the caller decides when to read them). LabelMix is part of
-    loss_d and feature matching part of loss_g_adv."""
-    d_loss, g_adv_loss = LOSSES[unwrap(discriminator).kind]
+def gan_train_step(nets, mask, real, cfg, step=1):
+    """One update of D then G with the losses of D's kind (losses.LOSSES), D's inputs
+    augmented by nets.augment (--d-augment) in both, and every R1_INTERVAL-th `step` the
+    R1 penalty (--r1-gamma). Returns (loss_d, loss_g_adv, loss_l1) as one detached tensor
+    (no host-device synchronisation here; the caller decides when to read them).
+    LabelMix and R1 are part of loss_d, feature matching part of loss_g_adv."""
+    d_loss, g_adv_loss = LOSSES[unwrap(nets.discriminator).kind]
+    # D's weights get no gradient outside D's own loss: calling the unwrapped D there keeps
+    # DDP from expecting an all-reduce for it.
+    plain_d = unwrap(nets.discriminator)
     with cfg.autocast:
-        fake = generator(mask)
-        loss_d = d_loss(discriminator, mask, real, fake.detach(), cfg)
-    opt_d.zero_grad(set_to_none=True)
-    scaler_d.scale(loss_d).backward()
-    scaler_d.step(opt_d)
-    scaler_d.update()
+        fake = nets.generator(mask)
+        d_inputs = nets.augment(mask, real, fake.detach())
+        loss_d = d_loss(nets.discriminator, *d_inputs, cfg)
+    if nets.augment.ada is not None:
+        with torch.no_grad(), cfg.autocast:
+            nets.augment.observe(discriminator_logits(plain_d(*d_inputs[:2])), len(mask))
+    if cfg.r1_gamma and step % R1_INTERVAL == 0:
+        loss_d = loss_d + cfg.r1_gamma / 2 * R1_INTERVAL * r1_term(nets, mask, real)
+    nets.opt_d.zero_grad(set_to_none=True)
+    nets.scaler_d.scale(loss_d).backward()
+    nets.scaler_d.step(nets.opt_d)
+    nets.scaler_d.update()
 
-    # D's weights get no gradient in G's step: freezing them skips that work, and
-    # calling the unwrapped D keeps DDP from expecting a gradient all-reduce.
-    plain_d = unwrap(discriminator)
+    # Freezing D's weights in G's step skips their gradients.
     plain_d.requires_grad_(False)
     with cfg.autocast:
-        loss_adv = g_adv_loss(plain_d, mask, real, fake, cfg)
+        loss_adv = g_adv_loss(plain_d, *nets.augment(mask, real, fake), cfg)
         loss_l1 = lowpass_l1(fake, real, cfg.l1_lowpass) * cfg.l1_lambda
         loss_g = loss_adv + loss_l1
-    opt_g.zero_grad(set_to_none=True)
-    scaler_g.scale(loss_g).backward()
-    scaler_g.step(opt_g)
-    scaler_g.update()
+    nets.opt_g.zero_grad(set_to_none=True)
+    nets.scaler_g.scale(loss_g).backward()
+    nets.scaler_g.step(nets.opt_g)
+    nets.scaler_g.update()
     plain_d.requires_grad_(True)
     return torch.stack([loss_d.detach(), loss_adv.detach(), loss_l1.detach()]).float()
 
@@ -76,9 +85,9 @@ def gan_train_step(generator, discriminator, opt_g, opt_d, scaler_g, scaler_d, m
 
 @dataclass
 class Networks:
-    """G and D (wrapped for DDP/compile as configured), their optimisers and scalers, and
-    with --ema-half-life G's moving average with the training masks (one-hot batches,
-    made on demand) its BatchNorm statistics are re-estimated from."""
+    """G and D (wrapped for DDP/compile as configured), their optimisers and scalers; with
+    --ema-half-life G's moving average and the training masks (one-hot batches, made on
+    demand) its BatchNorm statistics are re-estimated from; D's input augmentation."""
     generator: nn.Module
     discriminator: nn.Module
     opt_g: torch.optim.Optimizer
@@ -87,6 +96,7 @@ class Networks:
     scaler_d: torch.amp.GradScaler
     ema: GeneratorEMA = None
     ema_masks: Callable[[], Iterable[torch.Tensor]] = None
+    augment: DiscriminatorAugment = field(default_factory=lambda: DiscriminatorAugment("none", 0, "cpu"))
 
     def painter(self):
         """The generator that paints samples and checkpoints: the average, with BatchNorm
@@ -111,6 +121,17 @@ def ema_mask_batches(train_set, device, channels_last, num_classes):
                for i in range(0, count, EMA_BATCHNORM_BATCH_SIZE)]
     batches = [b for b in batches if b[..., 0, 0].numel() >= 2]
     return lambda: (prepare_mask(b, device, channels_last, num_classes) for b in batches)
+
+
+def discriminator_logits(output):
+    """D's logits from its output: a patch D's tensor, or a multiscale D's last feature per scale."""
+    return [scale[-1] for scale in output] if isinstance(output, list) else output
+
+
+def r1_term(nets, mask, real):
+    """R1 on D's (augmented) real inputs, in fp32 (a gradient of a gradient)."""
+    real = real.detach().float().requires_grad_(True)
+    return r1_penalty(unwrap(nets.discriminator)(*nets.augment(mask, real)), real)
 
 
 def build_networks(cfg, model_cfg, resume, info, device, channels_last, precision):
@@ -146,6 +167,11 @@ def build_networks(cfg, model_cfg, resume, info, device, channels_last, precisio
         nets.ema = GeneratorEMA(generator, cfg.ema_half_life, cfg.ema_rampup or None)
         if resume is not None and "generator_ema" in resume:  # else the average starts from the resumed G
             nets.ema.load_state_dict(resume["generator_ema"])
+    # OASIS scores every pixel by its class: cutout's pixels of no class have no target.
+    nets.augment = DiscriminatorAugment(cfg.d_augment, cfg.seed * 1000003 + info.rank, device,
+                                        exclude=("cutout",) if model_cfg["discriminator"] == "oasis" else ())
+    if resume is not None and "d_augment" in resume:
+        nets.augment.load_state_dict(resume["d_augment"])
     nets.generator = maybe_compile(wrap_ddp(nets.generator, info, device), cfg.compile)
     nets.discriminator = maybe_compile(wrap_ddp(nets.discriminator, info, device), cfg.compile)
     return nets
@@ -180,7 +206,8 @@ def gan_payload(cfg, model_cfg, nets):
             "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
             "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
             "model_config": model_cfg, "config": vars(cfg),
-            **({"generator_ema": nets.ema_state()} if nets.ema is not None else {})}
+            **({"generator_ema": nets.ema_state()} if nets.ema is not None else {}),
+            **({"d_augment": nets.augment.state_dict()} if nets.augment.mode != "none" else {})}
 
 
 @dataclass
@@ -195,7 +222,7 @@ class Samples:
 
 def end_of_epoch(cfg, loop, nets, position, sums, samples, run):
     """Epoch means into the history, checkpoints, the sample grid, the loss plot, wandb."""
-    means = loop.end_epoch(position, sums)
+    means = loop.end_epoch(position, sums, {"d_augment_p": nets.augment.p} if nets.augment.ada is not None else None)
     keep = f"epoch_{position.epoch:04d}.pt" if cfg.save_every and position.epoch % cfg.save_every == 0 else None
     loop.save(position, loop.zeros(), also_as=keep)
     if not loop.info.is_main:
@@ -251,6 +278,9 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
         model_cfg = model_config(cfg, labels, train_set[0][0].shape[-1])
         check_resume(cfg, model_cfg, resume)
         check_model_config(model_cfg)
+        if model_cfg["discriminator"] == "oasis" and (cfg.d_augment == "ada" or cfg.r1_gamma):
+            raise UserError("--d-augment ada and --r1-gamma read a real/fake score per patch, which the OASIS "
+                            "discriminator does not give: use them with --discriminator patch or multiscale")
         sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
         workers = loader_workers(cfg.workers, device)
         loader_rng = torch.Generator()
@@ -276,15 +306,16 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
 
         def step(batch):
             mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes)
-            losses = gan_train_step(nets.generator, nets.discriminator, nets.opt_g, nets.opt_d, nets.scaler_g,
-                                    nets.scaler_d, mask, real, step_cfg)
+            losses = gan_train_step(nets, mask, real, step_cfg, position.step + 1)
             if nets.ema is not None:
                 nets.ema.update(unwrap(nets.generator), len(mask))
             return losses
 
         def log_losses(means):
             if run is not None:
-                run.log({**{f"train/{k}": v for k, v in means.items()}, "epoch": position.epoch}, step=position.step)
+                augment = {"train/d_augment_p": nets.augment.p} if nets.augment.ada is not None else {}
+                run.log({**{f"train/{k}": v for k, v in means.items()}, **augment, "epoch": position.epoch},
+                        step=position.step)
 
         # --- the epochs
         while position.epoch < cfg.epochs:

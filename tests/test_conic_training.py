@@ -13,7 +13,7 @@ from dataset.masks import CONIC
 from gan import build_discriminator, build_generator, load_generator, prepare_batch
 from runtime import make_optimizer
 from tiling import generate_tiled
-from train_utils import StepConfig, gan_train_step
+from train_utils import Networks, StepConfig, gan_train_step
 
 LIZARD = SHARED_DATA / "lizard_128"
 CKPT = ("checkpoints", "last.pt")
@@ -147,7 +147,7 @@ def test_a_few_steps_on_real_lizard_tiles_lower_l1():
     step_cfg = StepConfig(l1_lambda=75.0, real_label_range=(0.7, 1.2), fake_label_range=(0.0, 0.3),
                           smooth_real=True, smooth_fake=True, autocast=torch.autocast("cpu", enabled=False))
     mask, real = prepare_batch(labels, images, device, False, CONIC.num_classes)
-    first = gan_train_step(g, d, opt_g, opt_d, *scalers, mask, real, step_cfg)[2].item()
+    first = gan_train_step(Networks(g, d, opt_g, opt_d, *scalers), mask, real, step_cfg)[2].item()
     for _ in range(14):
-        last = gan_train_step(g, d, opt_g, opt_d, *scalers, mask, real, step_cfg)[2].item()
+        last = gan_train_step(Networks(g, d, opt_g, opt_d, *scalers), mask, real, step_cfg)[2].item()
     assert last < 0.7 * first, (first, last)

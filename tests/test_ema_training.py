@@ -73,3 +73,95 @@ def test_test_py_paints_with_the_average_unless_told_not_to(ema_run, pannuke_fol
     # Raw-G images are not mixed into a folder of the average's.
     with pytest.raises(SystemExit):
         paint(tmp_path / "ema", "--no-ema")
+
+
+# --------------------------------------------------------------------------- --d-augment and --r1-gamma in the step
+
+def tiny_networks(d_augment="none", discriminator="patch"):
+    import config
+    import gan
+    from augment import DiscriminatorAugment
+    from dataset.masks import CONIC
+    from runtime import make_optimizer
+    from train_utils import Networks
+
+    args = config.training_parser("x", config.add_conic_training_data_args, "x").parse_args(
+        ["--ngf", "4", "--ndf", "4", "--discriminator", discriminator, "--no-dropout"])
+    model_cfg = gan.model_config(args, CONIC, 64)
+    torch.manual_seed(0)
+    g, d = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
+    opts = [make_optimizer(m.parameters(), 1e-3, (0.5, 0.999), torch.device("cpu")) for m in (g, d)]
+    scalers = [torch.amp.GradScaler("cpu", enabled=False) for _ in range(2)]
+    return Networks(g, d, *opts, *scalers, augment=DiscriminatorAugment(d_augment, 0, "cpu"))
+
+
+def batch(size=8):
+    from torch.nn import functional as F
+
+    from dataset.masks import CONIC
+    torch.manual_seed(1)
+    labels = torch.randint(0, CONIC.num_classes, (size, 64, 64))
+    return F.one_hot(labels, CONIC.num_classes).permute(0, 3, 1, 2).float(), torch.rand(size, 3, 64, 64) * 2 - 1
+
+
+@pytest.mark.parametrize("discriminator", ["patch", "multiscale"])
+def test_r1_is_added_to_d_loss_on_its_steps_only(discriminator, one_thread):
+    import copy
+
+    import config
+    from losses import r1_penalty
+    from train_utils import StepConfig, gan_train_step
+    nets, (mask, real) = tiny_networks(discriminator=discriminator), batch()
+    step_cfg = StepConfig(r1_gamma=2.0)
+    losses = {}
+    for step in (config.R1_INTERVAL - 1, config.R1_INTERVAL):
+        copied = copy.deepcopy(nets)
+        if step == config.R1_INTERVAL:
+            inputs = real.clone().requires_grad_(True)
+            expected = 2.0 / 2 * config.R1_INTERVAL * r1_penalty(copied.discriminator(mask, inputs), inputs).item()
+        torch.manual_seed(2)
+        losses[step] = gan_train_step(copied, mask, real, step_cfg, step)[0].item()
+    assert expected > 0
+    assert losses[config.R1_INTERVAL] - losses[config.R1_INTERVAL - 1] == pytest.approx(expected, rel=1e-4)
+
+
+def test_ada_moves_p_from_d_logits_and_diffaug_changes_d_loss(one_thread):
+    import copy
+
+    from train_utils import StepConfig, gan_train_step
+    mask, real = batch()
+    ada = tiny_networks("ada")
+    for step in range(1, 5):  # 4 x 8 real images: one ADA interval (32)
+        gan_train_step(ada, mask, real, StepConfig(), step)
+    assert ada.augment.ada.last_rt is not None and 0 <= ada.augment.p < 1
+
+    plain, augmented = tiny_networks("none"), tiny_networks("diffaug")
+    augmented.generator, augmented.discriminator = copy.deepcopy(plain.generator), copy.deepcopy(plain.discriminator)
+    torch.manual_seed(3)
+    a = gan_train_step(plain, mask, real, StepConfig())
+    torch.manual_seed(3)
+    b = gan_train_step(augmented, mask, real, StepConfig())
+    assert a[2] == pytest.approx(b[2].item())  # L1 is on the unaugmented images
+    assert a[0].item() != pytest.approx(b[0].item())  # D saw augmented ones
+
+
+def test_augmented_run_resumes_exactly(tmp_path, pannuke_folds, train_in_process):
+    flags = ("--d-augment", "ada", "--r1-gamma", 1)
+    reference = tmp_path / "straight"
+    train_in_process(train_in_process.argv(pannuke_folds, reference, *flags, **RUN))
+    resumed = tmp_path / "resumed"
+    train_in_process(train_in_process.argv(pannuke_folds, resumed, *flags, **dict(RUN, epochs=1)))
+    train_in_process(train_in_process.argv(pannuke_folds, resumed, "--resume", resumed / CKPT, **RUN))
+    final, straight = load(resumed / CKPT), load(reference / CKPT)
+    assert_same_training_state(final, straight)
+    assert_same(final["d_augment"], straight["d_augment"], "d_augment")
+    assert "d_augment_p" in final["history"][-1]
+
+
+def test_oasis_refuses_ada(tmp_path, train_conic_in_process, capsys):
+    from conic_fixtures import make_conic
+    data, _, _ = make_conic(tmp_path / "data", size=64, n_nuclei=4)
+    with pytest.raises(SystemExit):
+        train_conic_in_process(["--data-dir", data, "--out-dir", tmp_path / "run", "--discriminator", "oasis",
+                                "--d-augment", "ada", "--epochs", 1, "--wandb", "disabled", "--device", "cpu"])
+    assert "--d-augment ada and --r1-gamma" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from gan import build_discriminator, build_generator, generate, load_generator
 from losses import oasis_d_loss
 from runtime import make_optimizer
 from tiling import generate_tiled
-from train_utils import StepConfig, gan_train_step
+from train_utils import Networks, StepConfig, gan_train_step
 
 GENERATORS = {"unet": dict(generator="unet"), "unet-resize": dict(generator="unet", upsample="resize"),
               "spade": dict(generator="spade"),
@@ -115,7 +115,8 @@ def run_steps(gen, disc, steps, autocast=None, precision="fp32", **step_options)
                           **{"feat_match_lambda": 10.0, "labelmix_lambda": 10.0, **step_options})
     mask, real = blocky_batch(CONIC.num_classes, 64)
     d_before = [p.detach().clone() for p in d.parameters()]
-    losses = torch.stack([gan_train_step(g, d, opt_g, opt_d, *scalers, mask, real, step_cfg) for _ in range(steps)])
+    nets = Networks(g, d, opt_g, opt_d, *scalers)
+    losses = torch.stack([gan_train_step(nets, mask, real, step_cfg) for _ in range(steps)])
     assert any(not torch.equal(a, b) for a, b in zip(d_before, d.parameters())), "D was not updated"
     assert all(p.requires_grad for p in d.parameters()), "D stayed frozen after G's step"
     return losses

@@ -127,7 +127,7 @@ def test_l1_lowpass_takes_l1_between_the_pooled_images(factor, one_thread):
     from torch.nn import functional as F
 
     from runtime import make_optimizer
-    from train_utils import gan_train_step
+    from train_utils import Networks, gan_train_step
 
     args = training_parser().parse_args(["--l1-lowpass", str(factor), "--discriminator", "patch"])
     model_cfg = gan.model_config(args, CONIC, 32)
@@ -141,7 +141,7 @@ def test_l1_lowpass_takes_l1_between_the_pooled_images(factor, one_thread):
     opts = [make_optimizer(m.parameters(), 1e-3, (0.5, 0.999), torch.device("cpu")) for m in (g, d)]
     scalers = [torch.amp.GradScaler("cpu", enabled=False) for _ in range(2)]
     torch.manual_seed(1)
-    losses = gan_train_step(g, d, *opts, *scalers, mask, real, StepConfig(options=args))
+    losses = gan_train_step(Networks(g, d, *opts, *scalers), mask, real, StepConfig(options=args))
     assert losses[2].item() == pytest.approx(expected.item(), rel=1e-5)
     if factor > 1:  # pooling changes the loss: the option reached the step
         assert losses[2].item() != pytest.approx((F.l1_loss(fake, real) * args.l1_lambda).item(), rel=1e-3)

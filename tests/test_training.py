@@ -14,7 +14,7 @@ import utils
 from dataset.pannuke import PanNukeFolds
 from gan import build_discriminator, build_generator, prepare_batch
 from runtime import SeededSampler, make_optimizer
-from train_utils import StepConfig, gan_train_step
+from train_utils import Networks, StepConfig, gan_train_step
 
 CKPT = Path("checkpoints") / "last.pt"
 
@@ -64,7 +64,8 @@ def test_gan_train_step_lowers_l1_on_a_fixed_batch(pannuke_folds):
     mask, real = prepare_batch(labels, images, device, channels_last=False)
     d_before = [p.detach().clone() for p in d.parameters()]
 
-    losses = [gan_train_step(g, d, opt_g, opt_d, scaler_g, scaler_d, mask, real, step_cfg) for _ in range(8)]
+    nets = Networks(g, d, opt_g, opt_d, scaler_g, scaler_d)
+    losses = [gan_train_step(nets, mask, real, step_cfg) for _ in range(8)]
 
     assert all(x.shape == (3,) and torch.isfinite(x).all() for x in losses)
     l1 = [x[2].item() for x in losses]
