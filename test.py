@@ -40,8 +40,8 @@ from dataset.masks import get_label_set
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
-from figures import to_uint8_image, triplet_grid
 from gan import generate, load_generator, prepare_batch
+from report import to_uint8_image, triplet_grid
 from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
 from utils import UserError, atomic_save_png, atomic_save_text, inside, resolve_wandb_mode, run_main, within

@@ -14,10 +14,10 @@ from torch import nn
 from tqdm import tqdm
 
 from config import check_epochs_left, check_option_ranges, check_training_config, settle_config, training_parser
-from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, read_resume_checkpoint)
 from losses import LOSSES
+from report import save_loss_plot, triplet_grid
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
                      resolve_precision, unwrap, wrap_ddp)
