@@ -26,8 +26,8 @@ import config
 import study
 from dataset.conic import most_nuclei_first, open_conic
 from dataset.masks import CONIC, labels_to_rgb
-from evaluate import fmt, grid
 from gan import parameter_counts, read_checkpoint
+from report import fmt, grid
 from utils import UserError, atomic_save_png, atomic_save_text, run_main
 
 GRID_ROWS = 4

@@ -56,17 +56,16 @@ import metrics
 import train_conic
 from dataset.common import split_item
 from dataset.conic import (CoNIC, most_nuclei_first, open_conic, patch_source, read_split_file, split_by_source,
-                           write_split_file)
+                           write_conic_folder, write_split_file)
 from dataset.layouts import new_layouts, relabel_instances
 from dataset.masks import CONIC, get_label_set, labels_to_onehot, labels_to_rgb
-from evaluate import data_uri, fmt, grid, segmenter_features, table
-from figures import to_uint8_image
+from report import data_uri, fmt, grid, table, to_uint8_image
 from gan import generate, load_generator, parameter_counts, read_checkpoint
 from generator_model import depth_for_tile
 from runtime import (SeededSampler, autocast_context, loader_workers, make_loader, make_optimizer,
                      resolve_channels_last, resolve_device, resolve_precision)
-from segmenter import CHECKPOINT_KIND, CHECKPOINT_VERSION, build_segmenter, load_segmenter
-from train_segmenter import train_step
+from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_segmenter, load_segmenter, segmenter_features,
+                       train_step)
 from utils import (UserError, atomic_save_figure, atomic_write, atomic_save_npy, atomic_save_png, atomic_save_text,
                    atomic_save_torch, run_main, seed_everything, within)
 
@@ -512,10 +511,8 @@ def paint(study, checkpoint, classes, first_seed=0):
 
 
 def write_tiles(folder, images, classes, instances, names):
-    """A CoNIC folder any CoNIC loader reads (labels.npy as uint16 [instance id, class id])."""
-    atomic_save_npy(images, folder / "images.npy")
-    atomic_save_npy(np.stack([instances, classes], -1).astype(np.uint16), folder / "labels.npy")
-    atomic_save_text(folder / "patch_info.csv", pd.DataFrame({"patch_info": names}).to_csv(index=False))
+    """A CoNIC folder (labels.npy as uint16 [instance id, class id])."""
+    write_conic_folder(folder, images, np.stack([instances, classes], -1).astype(np.uint16), names)
 
 
 def rare_class_weights(tiles, weight):

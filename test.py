@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from config import CONIC_TEST_FRACTION, SEED, test_parser
-from dataset.conic import build_conic, write_conic_folder
+from dataset.conic import build_conic, write_repainted_folder
 from dataset.masks import get_label_set
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
@@ -260,7 +260,7 @@ def generate_conic(args, generator, ckpt, device, autocast, rank, world_size, da
     count = generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, tiles)
     barrier()
     if rank == 0:
-        write_conic_folder(dataset, [tiles / f"{name}.png" for name in dataset.names], Path(args.out_dir))
+        write_repainted_folder(dataset, [tiles / f"{name}.png" for name in dataset.names], Path(args.out_dir))
     return count
 
 
