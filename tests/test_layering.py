@@ -1,13 +1,15 @@
 """The module layering, read from the source with ast: no entry point (a top-level script with
 `if __name__ == "__main__"`) imports another, save a _ddp twin its own script; no library module
-(top-level or under quality/) imports an entry point; dataset/ imports no top-level module but utils
-and config. The checker is also run on a tiny tree that breaks each rule, so it is known to catch them."""
+(top-level or under quality/) imports an entry point; the lowest modules import only the project's
+modules below them (dataset/: utils and config; report.py: utils and dataset). The checker is also run
+on a tiny tree that breaks each rule, so it is known to catch them."""
 import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY_PACKAGES = ("quality",)
-DATASET_MAY_IMPORT = {"utils", "config"}
+# The project's modules that the lowest ones may import: dataset/ and report.py.
+LOW_LEVEL = {"dataset": {"dataset", "utils", "config"}, "report.py": {"utils", "dataset"}}
 
 
 def imported_modules(path):
@@ -46,9 +48,11 @@ def layering_violations(root):
     for path in library:
         found += [f"library module {path.relative_to(root)} imports entry point {other}"
                   for other in sorted(imported_modules(path) & entry_points)]
-    for path in sorted((root / "dataset").rglob("*.py")):
-        found += [f"{path.relative_to(root)} imports top-level module {other}"
-                  for other in sorted(imported_modules(path) & (top.keys() | set(LIBRARY_PACKAGES)) - DATASET_MAY_IMPORT)]
+    project = top.keys() | set(LIBRARY_PACKAGES) | {"dataset"}
+    for where, allowed in LOW_LEVEL.items():
+        paths = sorted((root / where).rglob("*.py")) if (root / where).is_dir() else [root / where]
+        found += [f"{path.relative_to(root)} imports project module {other}" for path in paths if path.is_file()
+                  for other in sorted(imported_modules(path) & project - allowed)]
     return found
 
 
@@ -65,6 +69,8 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "compare.py": "import train_b as tb\n" + main,
         "helpers.py": "from train_a import main\n",               # a library module importing a script
         "utils.py": "import numpy\n",
+        "report.py": "import numpy\nfrom dataset.masks import PANNUKE\nimport metrics\n",
+        "metrics.py": "import report\n",
         "config.py": "import utils\n",
         "dataset/__init__.py": "",
         "dataset/tiles.py": "import config\nfrom dataset import masks\nfrom helpers import x\nimport quality.stages\n",
@@ -79,6 +85,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
         "entry point train_b.py imports entry point train_a",
         "library module helpers.py imports entry point train_a",
         "library module quality/stages.py imports entry point compare",
-        "dataset/tiles.py imports top-level module helpers",
-        "dataset/tiles.py imports top-level module quality",
+        "dataset/tiles.py imports project module helpers",
+        "dataset/tiles.py imports project module quality",
+        "report.py imports project module metrics",
     ])
