@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 
 import config
-import study
 from dataset.conic import most_nuclei_first, open_conic
 from dataset.masks import CONIC, labels_to_rgb
-from evaluate import fmt, grid
 from gan import parameter_counts, read_checkpoint
+from quality.options import GAN_OPTIONS, STUDY_OPTIONS
+from quality.options import parser as study_parser
+from quality.render import pm
+from report import fmt, grid
 from utils import UserError, atomic_save_png, atomic_save_text, run_main
 
 GRID_ROWS = 4
 OUTPUTS = ("compare.md", "grid.png")
-DEFAULTS = study.parser().parse_args([])  # for options an older study did not record
+DEFAULTS = study_parser().parse_args([])  # for options an older study did not record
 
 
 def parser():
@@ -52,7 +54,7 @@ def read_study(folder):
         raise UserError(f"{path} not found: give a finished study's folder (study.py --out-dir)")
     try:
         metrics = json.loads(path.read_text())
-        options = {name: metrics["options"].get(name, getattr(DEFAULTS, name, None)) for name in study.STUDY_OPTIONS}
+        options = {name: metrics["options"].get(name, getattr(DEFAULTS, name, None)) for name in STUDY_OPTIONS}
         options["data_dir"] = metrics["options"]["data_dir"]
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not a study's metrics.json ({exc})") from None
@@ -62,15 +64,15 @@ def read_study(folder):
 
 def check_comparable(studies):
     """Only GAN_OPTIONS may differ between the studies, and one reference segmenter judged them all."""
-    shared = [name for name in (*study.STUDY_OPTIONS, "data_dir")
-              if name not in (*study.GAN_OPTIONS, "reference_from")]
+    shared = [name for name in (*STUDY_OPTIONS, "data_dir")
+              if name not in (*GAN_OPTIONS, "reference_from")]
     first, (base, _) = studies[0]
     for folder, (options, _) in studies[1:]:
         differ = [f"{name} {base[name]} in {first}, {options[name]} in {folder}" for name in shared
                   if options[name] != base[name]]
         if differ:
             raise UserError(f"these studies differ in more than the GAN ({'; '.join(differ)}); compare studies "
-                            f"made with the same options but for {', '.join(study.GAN_OPTIONS)}")
+                            f"made with the same options but for {', '.join(GAN_OPTIONS)}")
     judges = {folder: hashlib.sha256((folder / "reference" / "segmenter.pt").read_bytes()).hexdigest()
               for folder, _ in studies}
     if len(set(judges.values())) > 1:
@@ -103,7 +105,7 @@ def row(folder, options, metrics):
             f"{fmt(synthetic['domain_frechet_distance'], 2)} ({fmt(floor['domain_frechet_distance'], 2)})",
             f"{fmt(synthetic['domain_kernel_distance']['mean'], 4)} ({fmt(floor['domain_kernel_distance']['mean'], 4)})",
             f"{fmt(fidelity['synthetic']['dice']['Nuclei'])} ({fmt(fidelity['ratio']['nuclei_dice'], 2)})",
-            fmt(diversity), study.pm(gain, signed=True)]
+            fmt(diversity), pm(gain, signed=True)]
 
 
 def markdown_table(studies):

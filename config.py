@@ -107,6 +107,32 @@ DEMO_OVERRIDES = dict(epochs=30, batch_size=4, ngf=16, ndf=16, out_dir="runs/dem
                       train_folds=[1, 2], test_folds=[3], tissue="Colon", save_every=0)
 
 
+# The quality study (study.py, quality/). Its segmenters are smaller than train_segmenter.py's, to fit a CPU
+# budget; the training scripts' defaults apply to its GANs except where these say otherwise.
+STUDY_OUT_DIR = "runs/study"
+STUDY_FRACTIONS = (10, 25, 100)         # labelled percent of the training split
+STUDY_SEEDS = 3                         # segmenter seeds per labelled fraction and pool
+STUDY_MIN_LABELLED_TILES = 4
+STUDY_LAYOUTS_PER_TILE = 1.0            # new layouts (source b) per labelled tile
+STUDY_NUCLEI_COPIED = 5                 # nuclei pasted into each new layout (dataset.layouts.copy_nuclei)
+STUDY_RARE_CLASS_WEIGHT = 1.0           # how much more often copy_nuclei draws a rare class's nuclei (1: as often)
+STUDY_RARE_SHARE = 0.05                 # a class with under this share of the labelled nuclei is rare
+STUDY_DIVERSITY_SAMPLES = 3             # paintings per test mask for the diversity score
+STUDY_DIVERSITY_MASKS = 32              # test masks (those with most nuclei) it is measured on
+STUDY_DIVERSITY_SEED_STEP = 1_000_003   # seed offset between a mask's paintings
+STUDY_BUDGET_MINUTES = 12.0             # training time per GAN; each segmenter run gets a share of it, as steps
+STUDY_SEGMENTER_SHARES = {"reference": 0.25, "augment": 0.125}
+STUDY_MIN_SEGMENTER_STEPS = 2
+STUDY_CALIBRATION_STEPS = 3             # timed segmenter steps that turn the shares into steps
+STUDY_GAN_WIDTH = 32                    # --ngf and --ndf
+STUDY_GAN_SAMPLES = 4                   # rows of the GAN runs' sample grids (held-out test tiles)
+STUDY_SEGMENTER_WIDTH = 16
+STUDY_SEGMENTER_BATCH_SIZE = 8
+STUDY_C2ST_EPOCHS = 15
+STUDY_C2ST_FOLDS = 5
+STUDY_PAINT_BATCH = 16                  # tiles per generator forward pass
+STUDY_GRID_ROWS = 4
+
 # --------------------------------------------------------------------------- the GAN's options
 # Every option of the GAN (its networks, losses and optimiser) is declared once here. The training
 # scripts' flags and their checks, RUN_OPTIONS, the checkpoint's model config, the losses' step

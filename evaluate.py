@@ -31,9 +31,7 @@ metric tables, a mask | real | synthetic grid per class (centre crops at native
 resolution) and, with --run-dir, the training run's loss_curves.png.
 """
 import argparse
-import base64
 import html
-import io
 import json
 import sys
 from dataclasses import dataclass
@@ -52,7 +50,8 @@ from dataset.unitopatho import missing_files_error
 from dataset.unitopatho_mask import read_mask
 from runtime import (autocast_context, loader_workers, make_loader, maybe_compile, resolve_channels_last,
                      resolve_device, resolve_precision)
-from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
+from report import data_uri, fmt, grid, table
+from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image, segmenter_features
 from utils import UserError, atomic_save_text, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -217,13 +216,6 @@ def weight_free_realism(pairs, args, device):
     return result
 
 
-@torch.no_grad()
-def segmenter_features(model, crops, device, batch_size=64):
-    images = torch.from_numpy(crops).permute(0, 3, 1, 2)
-    return torch.cat([model.pooled_features(images[i:i + batch_size].to(device).float().div(255)).cpu()
-                      for i in range(0, len(images), batch_size)]).double()
-
-
 # --------------------------------------------------------------------------- mask fidelity
 
 class SegmentationInputs(torch.utils.data.Dataset):
@@ -289,16 +281,6 @@ def centre_crop(array, side):
     return array[y:y + side, x:x + side]
 
 
-def grid(rows, gap=4):
-    """Rows of equally sized (H, W, 3) uint8 tiles -> one image with white gaps."""
-    def join(tiles, axis):
-        spacer_shape = list(tiles[0].shape)
-        spacer_shape[axis] = gap
-        spacer = np.full(spacer_shape, 255, np.uint8)
-        return np.concatenate([x for t in tiles for x in (t, spacer)][:-1], axis=axis)
-    return join([join(row, 1) for row in rows], 0)
-
-
 def class_grid(pairs, args):
     rows = []
     for pair in pairs[:args.grid_rows]:
@@ -309,24 +291,6 @@ def class_grid(pairs, args):
             tiles.insert(0, centre_crop(labels_to_rgb(read_mask(pair.mask, pair.fake)), side))
         rows.append(tiles)
     return grid(rows) if rows else None
-
-
-def data_uri(array=None, path=None):
-    if path is not None:
-        return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=92)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def fmt(value, digits=3):
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def table(header, rows):
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
 
 
 def write_report(path, result, grids, loss_curves):

@@ -50,6 +50,7 @@ from torch.nn import functional as F
 
 from config import C2ST_BATCH_SIZE, C2ST_EPOCHS, C2ST_FOLDS, C2ST_LR, C2ST_WIDTHS, PRDC_K
 from dataset.masks import CONIC, PANNUKE
+from report import fmt
 from runtime import load_model_state
 from utils import UserError, atomic_save_torch, safe_torch_load
 
@@ -159,14 +160,10 @@ def mask_scores(cm, labels_set=PANNUKE):
             "pixel_accuracy": _num(cm.diag().sum().item() / max(1, cm.sum().item()))}
 
 
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
-
-
 def format_mask_table(scores):
     rows = [f"{'class':<14}{'Dice':>7}{'IoU':>7}"]
-    rows += [f"{n:<14}{_fmt(scores['dice'][n]):>7}{_fmt(scores['iou'][n]):>7}" for n in scores["dice"]]
-    rows.append(f"{'mean (types)':<14}{_fmt(scores['mean_dice_types']):>7}{_fmt(scores['mean_iou_types']):>7}")
+    rows += [f"{n:<14}{fmt(scores['dice'][n]):>7}{fmt(scores['iou'][n]):>7}" for n in scores["dice"]]
+    rows.append(f"{'mean (types)':<14}{fmt(scores['mean_dice_types']):>7}{fmt(scores['mean_iou_types']):>7}")
     return "\n".join(rows)
 
 

@@ -3,7 +3,8 @@ PanNuke's six by default, or CoNIC's seven), its loss, tiled inference, and Mace
 stain normalisation. Its Dice/IoU scores are in metrics.py.
 
 Used by train_segmenter.py (training on PanNuke or CoNIC), make_masks.py
-(UniToPatho masks), evaluate.py and study.py.
+(UniToPatho masks), evaluate.py and the quality study (quality/), which share its
+training step and pooled features.
 
 The model takes float RGB in [0, 1], shape (B, 3, H, W), and normalises it inside
 with ImageNet statistics, so a torchvision ResNet encoder with ImageNet weights
@@ -191,6 +192,37 @@ def segmentation_loss(logits, target, smooth=1.0):
     dims = (0, 2, 3)
     dice = (2 * (probs * onehot).sum(dims) + smooth) / (probs.sum(dims) + onehot.sum(dims) + smooth)
     return ce + (1 - dice.mean())
+
+
+# --------------------------------------------------------------------------- training step and features
+
+def to_device(labels, image, device, channels_last):
+    """A loader's (labels, uint8 image) batch as (float image in [0, 1], long class map) on `device`."""
+    x = image.to(device, non_blocking=True).float().div_(255)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, labels.to(device, non_blocking=True).long()
+
+
+def train_step(model, opt, scaler, labels, image, device, channels_last, autocast):
+    """One optimiser step on a batch of (labels, image) items; returns the detached loss."""
+    x, target = to_device(labels, image, device, channels_last)
+    with autocast:
+        logits = model(x)
+    loss = segmentation_loss(logits, target)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
+@torch.no_grad()
+def segmenter_features(model, crops, device, batch_size=64):
+    """float64 (N, D) pooled encoder features (Segmenter.pooled_features) of uint8 (N, H, W, 3) crops."""
+    images = torch.from_numpy(crops).permute(0, 3, 1, 2)
+    return torch.cat([model.pooled_features(images[i:i + batch_size].to(device).float().div(255)).cpu()
+                      for i in range(0, len(images), batch_size)]).double()
 
 
 # --------------------------------------------------------------------------- tiled inference

@@ -42,14 +42,14 @@ import torch
 from tqdm import tqdm
 
 from config import CONIC_TEST_FRACTION, FOLDER_TEST_FRACTION, SEED, test_parser
-from dataset.conic import build_conic, write_conic_folder
+from dataset.conic import build_conic, write_repainted_folder
 from dataset.folder import FolderTiles, open_folder, split_folder, write_classes
 from dataset.masks import get_label_set
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
-from figures import to_uint8_image, triplet_grid
 from gan import generate, load_generator, prepare_batch
+from report import to_uint8_image, triplet_grid
 from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
 from utils import UserError, atomic_save_png, atomic_save_text, inside, resolve_wandb_mode, run_main, within
@@ -287,7 +287,7 @@ def generate_conic(args, generator, ckpt, device, autocast, rank, world_size, da
     count = generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, tiles)
     barrier()
     if rank == 0:
-        write_conic_folder(dataset, [tiles / f"{name}.png" for name in dataset.names], Path(args.out_dir))
+        write_repainted_folder(dataset, [tiles / f"{name}.png" for name in dataset.names], Path(args.out_dir))
     return count
 
 

@@ -38,7 +38,7 @@ from runtime import (SeededSampler, autocast_context, barrier, distributed, init
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
                      resolve_precision, unwrap, wrap_ddp)
 from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, RESUME_KEYS, build_segmenter,
-                       load_encoder_weights, read_segmenter_checkpoint, segmentation_loss)
+                       load_encoder_weights, read_segmenter_checkpoint, to_device, train_step)
 from utils import (UserError, atomic_save_text, atomic_save_torch, get_rng_state, run_main, seed_everything,
                    set_rng_state)
 
@@ -86,26 +86,6 @@ def evaluate(model, loader, device, autocast, channels_last, num_classes):
             logits = model(x)
         cm += confusion_matrix(logits.argmax(1), target, num_classes)
     return cm
-
-
-def to_device(labels, image, device, channels_last):
-    x = image.to(device, non_blocking=True).float().div_(255)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, labels.to(device, non_blocking=True).long()
-
-
-def train_step(model, opt, scaler, labels, image, device, channels_last, autocast):
-    """One optimiser step on a batch of (labels, image) items; returns the detached loss."""
-    x, target = to_device(labels, image, device, channels_last)
-    with autocast:
-        logits = model(x)
-    loss = segmentation_loss(logits, target)
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(opt)
-    scaler.update()
-    return loss.detach()
 
 
 def pannuke_datasets(args):

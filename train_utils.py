@@ -15,14 +15,14 @@ from torch import nn
 
 from config import (EMA_BATCHNORM_BATCH_SIZE, EMA_BATCHNORM_BATCHES, GAN_OPTIONS, R1_INTERVAL, check_epochs_left,
                     check_training_config, flag_text, gan_values, settle_config, training_parser)
-from dataset.masks import get_label_set
 from augment import DiscriminatorAugment
+from dataset.masks import get_label_set
 from ema import GeneratorEMA, recompute_batchnorm_stats
-from figures import save_loss_plot, triplet_grid
 from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build_generator, check_model_config, generate,
                  model_config, prepare_batch, prepare_mask, read_resume_checkpoint)
 from losses import LOSSES, lowpass_l1, r1_penalty
 from loop import Loop, StopRequest
+from report import save_loss_plot, triplet_grid
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
                      resolve_precision, unwrap, wrap_ddp)

@@ -18,6 +18,7 @@ own source.
 Items follow dataset/common.py: (labels, image), a (H, W) uint8 class map and a
 (3, H, W) uint8 image, with seeded joint augmentation for (index, seed) items.
 """
+import os
 import re
 from pathlib import Path
 
@@ -43,9 +44,10 @@ def patch_source(name):
 
 
 def most_nuclei_first(classes):
-    """Indices of (N, H, W) CoNIC class maps, the tile with the most nucleus pixels first (ties in order):
-    grids show those, since many tiles are nearly empty."""
-    return np.argsort(-(np.asarray(classes) != CONIC.background).sum((1, 2)), kind="stable")
+    """Indices of CoNIC class maps (an (N, H, W) array or any sequence of (H, W) maps), the tile with the
+    most nucleus pixels first (ties in order): grids show those, since many tiles are nearly empty."""
+    counts = np.array([np.count_nonzero(np.asarray(c) != CONIC.background) for c in classes], dtype=np.int64)
+    return np.argsort(-counts, kind="stable")
 
 
 def label_problems(labels):
@@ -289,18 +291,38 @@ def build_conic(data_dir, split, seed=0, test_fraction=0.2, split_file=None, aug
     return CoNIC(data_dir, train_idx if split == "train" else test_idx, augment=augment, label_set=label_set)
 
 
-def write_conic_folder(dataset, image_paths, out_dir):
-    """Write `dataset`'s patches as a CoNIC folder whose images are the files
-    `image_paths` (one per item, e.g. synthetic PNGs): images.npy from them, and the
-    items' rows of labels.npy, patch_info.csv and (when present) counts.csv, so that a
-    CoNIC loader reads it unchanged."""
+def gan_datasets(cfg):
+    """(training set, sample set) of a GAN run on a CoNIC folder (train_conic.py, the quality study): the
+    split of cfg (its split file, or seeded by source image), written to OUT/split.csv by the first process;
+    the sample grids show the test tiles with the most nucleus pixels (most_nuclei_first)."""
+    split = dict(seed=cfg.seed, test_fraction=cfg.test_fraction, split_file=cfg.split_file, label_set=cfg.label_set)
+    train_set = build_conic(cfg.data_dir, "train", augment=True, check_data=cfg.check_data, **split)
+    test_set = build_conic(cfg.data_dir, "test", **split)
+    if int(os.environ.get("RANK", 0)) == 0:
+        write_split_file(Path(cfg.out_dir) / "split.csv", train_set.all_names, train_set.indices, test_set.indices)
+    shown = test_set.indices[most_nuclei_first(test_set.classes(i) for i in range(len(test_set)))]
+    return train_set, CoNIC(cfg.data_dir, shown, label_set=cfg.label_set)
+
+
+def write_conic_folder(out_dir, images, labels, names, counts=None):
+    """A CoNIC folder any CoNIC loader reads: images.npy (N, H, W, 3) uint8, labels.npy (N, H, W, 2)
+    [instance id, class id], patch_info.csv naming the patches and, when `counts` (a table with a row per
+    patch) is given, counts.csv."""
     out_dir = Path(out_dir)
-    images = np.stack([read_rgb(path) for path in image_paths]) if image_paths else np.zeros((0, 0, 0, 3), np.uint8)
     atomic_save_npy(images, out_dir / "images.npy")
-    atomic_save_npy(np.asarray(dataset.labels[dataset.indices]), out_dir / "labels.npy")
-    atomic_save_text(out_dir / "patch_info.csv", pd.DataFrame({"patch_info": dataset.names}).to_csv(index=False))
-    counts = dataset.data_dir / "counts.csv"
-    if counts.is_file():
-        table = pd.read_csv(counts)
+    atomic_save_npy(labels, out_dir / "labels.npy")
+    atomic_save_text(out_dir / "patch_info.csv", pd.DataFrame({"patch_info": names}).to_csv(index=False))
+    if counts is not None:
+        atomic_save_text(out_dir / "counts.csv", counts.to_csv(index=False))
+
+
+def write_repainted_folder(dataset, image_paths, out_dir):
+    """`dataset`'s patches as a CoNIC folder whose images are the files `image_paths` (one per item, e.g.
+    synthetic PNGs), beside the items' rows of labels.npy, patch_info.csv and (when present) counts.csv."""
+    images = np.stack([read_rgb(path) for path in image_paths]) if image_paths else np.zeros((0, 0, 0, 3), np.uint8)
+    counts_path, counts = dataset.data_dir / "counts.csv", None
+    if counts_path.is_file():
+        table = pd.read_csv(counts_path)
         if len(table) == len(dataset.all_names):
-            atomic_save_text(out_dir / "counts.csv", table.iloc[dataset.indices].to_csv(index=False))
+            counts = table.iloc[dataset.indices]
+    write_conic_folder(out_dir, images, np.asarray(dataset.labels[dataset.indices]), dataset.names, counts)

@@ -2,13 +2,15 @@
 the label set and the U-Net depth travel in the checkpoint (save -> resume ->
 test.py), a checkpoint of another label set is refused, 128-px tiles get the
 7-level U-Net and still generate at 1812 px, and real Lizard tiles train."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
 from conic_fixtures import make_conic
 
-from dataset.conic import CoNIC, open_conic
+from dataset.conic import CoNIC, gan_datasets, open_conic, read_split_file
 from dataset.masks import CONIC
 from gan import build_discriminator, build_generator, load_generator, prepare_batch
 from runtime import make_optimizer
@@ -57,6 +59,17 @@ def test_conic_run_records_label_set_depth_and_split(conic_run, conic_128):
         sides.setdefault(name.split("__")[0].split("-")[0], set()).add(side)
     assert all(len(s) == 1 for s in sides.values()), f"a source image on both sides: {sides}"
     assert (conic_run / "samples" / "epoch_0001.png").is_file()
+
+
+def test_gan_samples_are_the_test_tiles_with_most_nuclei_first(conic_128, tmp_path):
+    cfg = SimpleNamespace(data_dir=conic_128, seed=1, test_fraction=0.3, split_file=None, label_set="pannuke",
+                          check_data=False, out_dir=tmp_path)
+    train_set, samples = gan_datasets(cfg)
+    train, test = read_split_file(tmp_path / "split.csv", train_set.all_names)
+    assert np.array_equal(train, train_set.indices) and sorted(samples.indices) == sorted(test)
+    assert samples.label_set.name == "pannuke"
+    ranked = [(-int((samples.classes(i) > 0).sum()), int(samples.indices[i])) for i in range(len(samples))]
+    assert ranked == sorted(ranked), "most nucleus pixels first, ties in tile order"
 
 
 def test_label_set_survives_resume_and_test_py(conic_run, conic_128, train_conic_in_process, run_script, tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter
 import evaluate
 import metrics
 from dataset.masks import NUM_CLASSES, labels_to_rgb
-from figures import save_loss_plot
+from report import save_loss_plot
 from segmenter import CHECKPOINT_KIND as SEGMENTER_KIND
 from segmenter import build_segmenter
 from utils import UserError

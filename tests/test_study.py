@@ -20,10 +20,13 @@ from conftest import vivid_checkpoint
 from conic_fixtures import make_conic
 
 import compare_studies
+import config
 import metrics
 import study
 from dataset.conic import CoNIC, open_conic, patch_source, read_split_file
+from quality import options, stages
 from segmenter import load_segmenter
+from utils import UserError
 
 LIZARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "lizard_128"
 NAMES = [f"src{s}-{i:04d}" for s in range(8) for i in range(3)]   # 8 source images of 3 tiles each
@@ -42,7 +45,7 @@ def smoke_argv(data_dir, out_dir, *extra):
             "--workers", "0", *extra]
 
 
-# Rare classes oversampled; GAN options that must reach train_conic.py (the original pix2pix, not the default).
+# Rare classes oversampled; GAN options that must reach the GAN's run (the original pix2pix, not the default).
 SMOKE_EXTRA = ("--rare-class-weight", "4", "--upsample", "transpose", "--discriminator", "patch", "--l1-lambda", "50")
 
 
@@ -96,7 +99,7 @@ def test_smoke_study_writes_every_field_in_time(smoke):
     missing = [f for f in FIELDS if lookup(m, f) is None]
     assert not missing, f"metrics.json fields without a value: {missing}"
     assert m["options"]["fractions"] == [50, 100] and m["options"]["seeds_used"] == [42, 43]
-    assert "--smoke" in m["command"] and m["budget"]["gan_minutes"] == study.SMOKE["budget_minutes"]
+    assert "--smoke" in m["command"] and m["budget"]["gan_minutes"] == options.SMOKE["budget_minutes"]
     assert 0 <= m["realism"]["synthetic"]["c2st"]["accuracy"] <= 1
     # A ratio to a real score of 0 (a smoke reference may find no whole nucleus) has no value.
     real_pq, fidelity = m["reference"]["test"]["pq"]["Nuclei"], m["realism"]["mask_fidelity"]
@@ -167,8 +170,8 @@ def test_labelled_subsets_take_whole_sources_nested_and_seeded():
     sizes = [7, 5, 4, 3, 3, 2, 1]
     names = [f"s{s}-{i:03d}" for s, n in enumerate(sizes) for i in range(n)]
     train = np.arange(len(names))
-    subsets = study.labelled_subsets(names, train, [10, 40, 100], seed=1)
-    assert [len(subsets[k]) for k in (10, 40, 100)] == [study.MIN_LABELLED_TILES, 10, 25]
+    subsets = stages.labelled_subsets(names, train, [10, 40, 100], seed=1)
+    assert [len(subsets[k]) for k in (10, 40, 100)] == [config.STUDY_MIN_LABELLED_TILES, 10, 25]
     assert set(subsets[10]) <= set(subsets[40]) <= set(subsets[100]) == set(train)
     for k in (10, 40):
         taken = {}
@@ -176,9 +179,9 @@ def test_labelled_subsets_take_whole_sources_nested_and_seeded():
             taken[patch_source(names[i])] = taken.get(patch_source(names[i]), 0) + 1
         partial = [s for s, n in taken.items() if n < sizes[int(s[1:])]]
         assert len(partial) <= 1, f"{k}%: more than one source cut: {taken}"
-    again = study.labelled_subsets(names, train, [10, 40, 100], seed=1)
+    again = stages.labelled_subsets(names, train, [10, 40, 100], seed=1)
     assert all(np.array_equal(subsets[k], again[k]) for k in subsets)
-    others = [study.labelled_subsets(names, train, [40], seed=s)[40] for s in range(2, 6)]
+    others = [stages.labelled_subsets(names, train, [40], seed=s)[40] for s in range(2, 6)]
     assert any(not np.array_equal(subsets[40], o) for o in others)
 
 
@@ -284,14 +287,14 @@ def test_overwrite_replaces_a_study_but_never_other_files(tmp_path, capsys):
     (old / "study.json").write_text(json.dumps({"options": {"fractions": [10.0]}}))
     (old / "k10" / "done.json").write_text("{}")
     args = SimpleNamespace(out_dir=str(old), data_dir=str(tmp_path / "data"), overwrite=True)
-    assert study.claim_out_dir(args, {"fractions": [50.0]}) == old
+    assert options.claim_out_dir(args, {"fractions": [50.0]}) == old
     assert [p.name for p in old.iterdir()] == ["study.json"]
     assert json.loads((old / "study.json").read_text()) == {"options": {"fractions": [50.0]}}
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(study.UserError, match="holds files but no study.json"):
-        study.claim_out_dir(SimpleNamespace(out_dir=str(other), data_dir=str(tmp_path / "data"), overwrite=True), {})
+    with pytest.raises(UserError, match="holds files but no study.json"):
+        options.claim_out_dir(SimpleNamespace(out_dir=str(other), data_dir=str(tmp_path / "data"), overwrite=True), {})
     assert (other / "notes.txt").read_text() == "mine"
 
 
@@ -343,7 +346,7 @@ def test_segmentation_scores_of_a_perfect_prediction():
     instances = TRUE[None].copy()
     classes[instances > 0] = 2
     classes[0][TRUE == 3] = 5   # D is an eosinophil
-    scores = study.segmentation_scores(classes, study.Tiles(None, classes, instances, ["t"]))
+    scores = stages.segmentation_scores(classes, stages.Tiles(None, classes, instances, ["t"]))
     assert scores["dice"]["Nuclei"] == 1.0 and scores["dice"]["Epithelial"] == 1.0
     assert scores["pq"] == {"Nuclei": 1.0, "Neutrophil": None, "Epithelial": 1.0, "Lymphocyte": None, "Plasma": None,
                             "Eosinophil": 1.0, "Connective": None}
@@ -351,7 +354,7 @@ def test_segmentation_scores_of_a_perfect_prediction():
     # Predicted instances are the connected pieces of each class: two touching nuclei of one class merge.
     merged = classes.copy()
     merged[0, 2:4, 0:2] = 2   # joins A to B
-    assert study.segmentation_scores(merged, study.Tiles(None, classes, instances, ["t"]))["pq"]["Nuclei"] < 0.5
+    assert stages.segmentation_scores(merged, stages.Tiles(None, classes, instances, ["t"]))["pq"]["Nuclei"] < 0.5
 
 
 # --------------------------------------------------------------------------- real tiles
@@ -395,7 +398,7 @@ def test_study_trains_the_chosen_generator_and_discriminator(spade_smoke, tiny_c
     data = CoNIC(tiny_conic)
     classes = np.stack([data.classes(i) for i in range(4)])
     noisy = vivid_checkpoint(out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "spade.pt")
-    assert study.sample_diversity(s, noisy, classes, reference)["mean_pairwise_feature_distance"] > 0
+    assert stages.sample_diversity(s, noisy, classes, reference)["mean_pairwise_feature_distance"] > 0
 
 
 def test_reference_from_copies_the_judge_and_the_step_counts(smoke, spade_smoke):
@@ -478,4 +481,4 @@ def test_pix2pix_scores_zero_diversity(smoke, tiny_conic, tmp_path):
     data = CoNIC(tiny_conic)
     classes = np.stack([data.classes(i) for i in range(4)])
     vivid = vivid_checkpoint(smoke.out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "unet.pt")
-    assert study.sample_diversity(s, vivid, classes, reference)["mean_pairwise_feature_distance"] == 0
+    assert stages.sample_diversity(s, vivid, classes, reference)["mean_pairwise_feature_distance"] == 0

@@ -1,0 +1,152 @@
+"""The study's command line, its presets, and which options make two studies the same study."""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import config
+from config import (STUDY_BUDGET_MINUTES, STUDY_C2ST_EPOCHS, STUDY_FRACTIONS, STUDY_GAN_WIDTH, STUDY_LAYOUTS_PER_TILE,
+                    STUDY_OUT_DIR, STUDY_RARE_CLASS_WEIGHT, STUDY_RARE_SHARE, STUDY_SEEDS, STUDY_SEGMENTER_BATCH_SIZE,
+                    STUDY_SEGMENTER_SHARES, STUDY_SEGMENTER_WIDTH)
+from utils import UserError, atomic_save_text, within
+
+# Tiny networks run fastest on one thread, above all on a CPU other processes share.
+SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, ngf=8, ndf=8, segmenter_width=8, c2st_epochs=2,
+             threads=1, out_dir="runs/study_smoke")
+FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
+# What makes two studies the same study (S/study.json); device and speed options are not among them.
+# Studies that differ in GAN_OPTIONS alone compare GANs at equal budget (compare_studies.py).
+GAN_OPTIONS = ("ngf", "ndf", "generator", "upsample", "discriminator", "noise_dim", "l1_lambda")
+STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_width",
+                 "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs",
+                 "reference_from")
+# What a reference stage depends on: a study may copy another's when these agree (--reference-from).
+REFERENCE_OPTIONS = ("data_dir", "seed", "test_fraction", "budget_minutes", "segmenter_width", "segmenter_batch_size")
+
+
+def parser(doc=""):
+    """The study's options; `doc` (study.py's docstring) gives --help its description and epilogue."""
+    description, _, epilog = doc.partition("\n\n")
+    p = argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=config.HelpFormatter)
+    g = p.add_argument_group("data and outputs")
+    g.add_argument("--data-dir", default=config.CONIC_DIR,
+                   help="CoNIC-layout folder: images.npy, labels.npy, patch_info.csv (square tiles)")
+    g.add_argument("--out-dir", default=STUDY_OUT_DIR, help="the study folder S (see above)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the study already in --out-dir and start afresh (needed when its options differ)")
+    g.add_argument("--reference-from", default=None, metavar="S0",
+                   help="copy the reference stage of study S0 (same data, split, budget and segmenter options) "
+                        "instead of training one: the same judge of realism and fidelity, and the same segmenter "
+                        "step counts, so that studies differing only in the GAN compare like with like "
+                        "(compare_studies.py requires it)")
+    g.add_argument("--test-fraction", type=float, default=config.CONIC_TEST_FRACTION,
+                   help="share of patches held out for testing, whole source images at a time")
+    g = p.add_argument_group("design")
+    g.add_argument("--fractions", type=float, nargs="+", default=list(STUDY_FRACTIONS),
+                   help="labelled fractions k, in percent of the training split")
+    g.add_argument("--seeds", type=int, default=STUDY_SEEDS,
+                   help="segmenter seeds (--seed, --seed + 1, ...) per fraction and pool; mean and sd are over them")
+    g.add_argument("--synthetic", default="ab", choices=["a", "b", "ab"],
+                   help="synthetic tiles added to the real ones: (a) the labelled masks repainted, (b) new layouts")
+    g.add_argument("--layouts-per-tile", type=float, default=STUDY_LAYOUTS_PER_TILE,
+                   help="new layouts (b) made per labelled tile")
+    g.add_argument("--rare-class-weight", type=float, default=STUDY_RARE_CLASS_WEIGHT,
+                   help=f"new layouts draw the pasted nuclei of rare classes (under {STUDY_RARE_SHARE * 100:g}%% of "
+                        f"the labelled nuclei) this many times as often as the others")
+    g = p.add_argument_group("budget and networks")
+    g.add_argument("--budget-minutes", type=float, default=STUDY_BUDGET_MINUTES,
+                   help="training time per GAN; its epochs follow from the first epoch's time. Each segmenter "
+                        "trains for a fixed number of steps taking about "
+                        + ", ".join(f"{share:g} x this ({name})" for name, share in STUDY_SEGMENTER_SHARES.items()))
+    g.add_argument("--ngf", type=int, default=STUDY_GAN_WIDTH, help="generator width")
+    g.add_argument("--ndf", type=int, default=STUDY_GAN_WIDTH, help="discriminator width")
+    g.add_argument("--generator", default=config.GENERATOR, choices=config.GENERATORS,
+                   help="the GAN's generator (train_conic.py --generator)")
+    g.add_argument("--discriminator", default=config.DISCRIMINATOR, choices=config.DISCRIMINATORS,
+                   help="the GAN's discriminator (train_conic.py --discriminator)")
+    g.add_argument("--upsample", default=config.UPSAMPLE, choices=config.UPSAMPLES,
+                   help="unet: the decoder's upsampling (train_conic.py --upsample)")
+    g.add_argument("--noise-dim", type=int, default=0, help="spade: per-image noise (train_conic.py --noise-dim)")
+    g.add_argument("--l1-lambda", type=float, default=config.L1_LAMBDA,
+                   help="weight of the GAN's L1 loss (train_conic.py --l1-lambda; OASIS trains with 0)")
+    g.add_argument("--segmenter-width", type=int, default=STUDY_SEGMENTER_WIDTH, help="U-Net segmenter width")
+    g.add_argument("--segmenter-batch-size", type=int, default=STUDY_SEGMENTER_BATCH_SIZE, help="segmenter batch size")
+    g.add_argument("--c2st-epochs", type=int, default=STUDY_C2ST_EPOCHS, help="epochs of each C2ST classifier")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default); 1 is far faster on a CPU other jobs share")
+    presets = g.add_mutually_exclusive_group()
+    presets.add_argument("--smoke", action="store_true",
+                         help="a tiny study for tests (given flags still win): "
+                              + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
+    presets.add_argument("--full", action="store_true",
+                         help="GPU schedules (given flags still win): " + ", ".join(f"{k}={v}" for k, v in FULL.items()))
+    config.add_device_args(p)
+    return p
+
+
+def parse_args(argv, doc=""):
+    """Options in rising priority: config.py's defaults, the --smoke or --full preset, the command line."""
+    p = parser(doc)
+    args = p.parse_args(argv)
+    if args.smoke or args.full:
+        p.set_defaults(**(SMOKE if args.smoke else FULL))
+        args = p.parse_args(argv)
+    bad = [k for k in args.fractions if not 0 < k <= 100]
+    if bad:
+        raise UserError(f"--fractions are percentages of the training split, in (0, 100]; got {bad[0]:g}")
+    args.fractions = sorted({float(k) for k in args.fractions})
+    config.check_option_ranges(args, {"seeds": 1, "ngf": 1, "ndf": 1, "segmenter_width": 1,
+                                      "segmenter_batch_size": 1, "c2st_epochs": 1, "threads": 0},
+                               positive=("budget_minutes", "layouts_per_tile", "rare_class_weight"))
+    if not 0 < args.test_fraction < 1:
+        raise UserError(f"--test-fraction must be between 0 and 1 (exclusive), got {args.test_fraction}")
+    return args
+
+
+def study_options(args):
+    """What S/study.json records (paths resolved, so that a study can be found from anywhere)."""
+    options = {name: getattr(args, name) for name in STUDY_OPTIONS} | {"data_dir": str(Path(args.data_dir).resolve())}
+    if args.reference_from:
+        options["reference_from"] = str(Path(args.reference_from).resolve())
+    return options
+
+
+def check_reference_source(args, options):
+    """--reference-from S0: a study whose reference stage has finished, made with the same REFERENCE_OPTIONS."""
+    if not args.reference_from:
+        return
+    source = Path(args.reference_from)
+    record, marker = source / "study.json", source / "reference" / "done.json"
+    if not record.is_file() or not marker.is_file():
+        raise UserError(f"--reference-from {source}: no finished reference stage there ({marker} not found)")
+    if source.resolve() == Path(args.out_dir).resolve():
+        raise UserError(f"--reference-from {source} is this study's own --out-dir; give another study")
+    saved = json.loads(record.read_text())["options"]
+    differ = [f"{name} {saved.get(name)} there, {options[name]} here" for name in REFERENCE_OPTIONS
+              if saved.get(name) != options[name]]
+    if differ:
+        raise UserError(f"--reference-from {source}: its reference was made with other options ({'; '.join(differ)})")
+
+
+def claim_out_dir(args, options):
+    """S, holding this study's record: a study made with other options, or a folder of other files, is refused
+    (--overwrite deletes a study and starts afresh)."""
+    out = Path(args.out_dir)
+    record = out / "study.json"
+    if within(out, args.data_dir):
+        raise UserError(f"--out-dir {out} is inside --data-dir {args.data_dir}; choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out-dir {out} is a file; give a folder for the study")
+    if record.is_file():
+        saved = json.loads(record.read_text())["options"]
+        changed = [f"{k} {saved.get(k)} there, {v} here" for k, v in options.items() if saved.get(k) != v]
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif changed:
+            raise UserError(f"{out} holds a study made with other options ({'; '.join(changed)}); give the same "
+                            f"options to continue it, --overwrite to delete it, or a new --out-dir")
+    elif out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out-dir {out} holds files but no study.json; give an empty or new folder")
+    if not record.is_file():
+        atomic_save_text(record, json.dumps({"options": options}, indent=1))
+    return out
