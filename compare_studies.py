@@ -25,7 +25,7 @@ import numpy as np
 import config
 from dataset.conic import most_nuclei_first, open_conic
 from dataset.masks import CONIC, labels_to_rgb
-from gan import parameter_counts, read_checkpoint
+from gan import describe, parameter_counts, read_checkpoint
 from quality.options import GAN_OPTIONS, STUDY_OPTIONS
 from quality.options import parser as study_parser
 from quality.render import pm
@@ -54,7 +54,8 @@ def read_study(folder):
         raise UserError(f"{path} not found: give a finished study's folder (study.py --out-dir)")
     try:
         metrics = json.loads(path.read_text())
-        options = {name: metrics["options"].get(name, getattr(DEFAULTS, name, None)) for name in STUDY_OPTIONS}
+        recorded = config.fill_legacy(metrics["options"], model=False)
+        options = {name: recorded.get(name, getattr(DEFAULTS, name, None)) for name in STUDY_OPTIONS}
         options["data_dir"] = metrics["options"]["data_dir"]
     except (ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path} is not a study's metrics.json ({exc})") from None
@@ -81,14 +82,6 @@ def check_comparable(studies):
                         f"studies with study.py --reference-from {first}, so that one segmenter judges them all")
 
 
-def gan_name(options):
-    name = options["generator"] + (f" ({options['upsample']})" if options["generator"] == "unet" else "")
-    name += f" + {options['discriminator']}"
-    if options["noise_dim"]:
-        name += f", noise {options['noise_dim']}"
-    return name + f", L1 {options['l1_lambda']:g}"
-
-
 def row(folder, options, metrics):
     """The table's cells for one study."""
     realism, k_small = metrics["realism"], f"{min(options['fractions']):g}"
@@ -99,7 +92,7 @@ def row(folder, options, metrics):
     diversity = realism.get("diversity", {}).get("mean_pairwise_feature_distance")
     speed = realism.get("tiles_per_second")
     gain = metrics["augmentation"][k_small]["summary"]["nuclei_dice"]["difference"]
-    return [folder.name, gan_name(options), f"{counts['generator'] / 1e6:.2f}M / {counts['discriminator'] / 1e6:.2f}M",
+    return [folder.name, describe(options), f"{counts['generator'] / 1e6:.2f}M / {counts['discriminator'] / 1e6:.2f}M",
             str(gan["steps"]), f"{gan['steps'] / gan['train_seconds']:.2f}", fmt(speed, 1),
             f"{fmt(synthetic['c2st']['accuracy'])} ({fmt(floor['c2st']['accuracy'])})",
             f"{fmt(synthetic['domain_frechet_distance'], 2)} ({fmt(floor['domain_frechet_distance'], 2)})",

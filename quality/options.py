@@ -15,8 +15,10 @@ SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, ngf=8, ndf=8, se
              threads=1, out_dir="runs/study_smoke")
 FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
 # What makes two studies the same study (S/study.json); device and speed options are not among them.
-# Studies that differ in GAN_OPTIONS alone compare GANs at equal budget (compare_studies.py).
-GAN_OPTIONS = ("ngf", "ndf", "generator", "upsample", "discriminator", "noise_dim", "l1_lambda")
+# Studies that differ in GAN_OPTIONS alone compare GANs at equal budget (compare_studies.py). The study
+# takes every GAN option the training scripts take (config.GAN_OPTIONS), with narrower networks by default.
+GAN_OPTIONS = tuple(option.name for option in config.GAN_OPTIONS)
+GAN_DEFAULTS = {"ngf": STUDY_GAN_WIDTH, "ndf": STUDY_GAN_WIDTH}
 STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_width",
                  "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs",
                  "reference_from")
@@ -53,22 +55,11 @@ def parser(doc=""):
     g.add_argument("--rare-class-weight", type=float, default=STUDY_RARE_CLASS_WEIGHT,
                    help=f"new layouts draw the pasted nuclei of rare classes (under {STUDY_RARE_SHARE * 100:g}%% of "
                         f"the labelled nuclei) this many times as often as the others")
-    g = p.add_argument_group("budget and networks")
+    g = p.add_argument_group("budget and segmenters")
     g.add_argument("--budget-minutes", type=float, default=STUDY_BUDGET_MINUTES,
                    help="training time per GAN; its epochs follow from the first epoch's time. Each segmenter "
                         "trains for a fixed number of steps taking about "
                         + ", ".join(f"{share:g} x this ({name})" for name, share in STUDY_SEGMENTER_SHARES.items()))
-    g.add_argument("--ngf", type=int, default=STUDY_GAN_WIDTH, help="generator width")
-    g.add_argument("--ndf", type=int, default=STUDY_GAN_WIDTH, help="discriminator width")
-    g.add_argument("--generator", default=config.GENERATOR, choices=config.GENERATORS,
-                   help="the GAN's generator (train_conic.py --generator)")
-    g.add_argument("--discriminator", default=config.DISCRIMINATOR, choices=config.DISCRIMINATORS,
-                   help="the GAN's discriminator (train_conic.py --discriminator)")
-    g.add_argument("--upsample", default=config.UPSAMPLE, choices=config.UPSAMPLES,
-                   help="unet: the decoder's upsampling (train_conic.py --upsample)")
-    g.add_argument("--noise-dim", type=int, default=0, help="spade: per-image noise (train_conic.py --noise-dim)")
-    g.add_argument("--l1-lambda", type=float, default=config.L1_LAMBDA,
-                   help="weight of the GAN's L1 loss (train_conic.py --l1-lambda; OASIS trains with 0)")
     g.add_argument("--segmenter-width", type=int, default=STUDY_SEGMENTER_WIDTH, help="U-Net segmenter width")
     g.add_argument("--segmenter-batch-size", type=int, default=STUDY_SEGMENTER_BATCH_SIZE, help="segmenter batch size")
     g.add_argument("--c2st-epochs", type=int, default=STUDY_C2ST_EPOCHS, help="epochs of each C2ST classifier")
@@ -80,6 +71,7 @@ def parser(doc=""):
                               + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     presets.add_argument("--full", action="store_true",
                          help="GPU schedules (given flags still win): " + ", ".join(f"{k}={v}" for k, v in FULL.items()))
+    config.add_gan_args(p, defaults=GAN_DEFAULTS)
     config.add_device_args(p)
     return p
 
@@ -95,7 +87,8 @@ def parse_args(argv, doc=""):
     if bad:
         raise UserError(f"--fractions are percentages of the training split, in (0, 100]; got {bad[0]:g}")
     args.fractions = sorted({float(k) for k in args.fractions})
-    config.check_option_ranges(args, {"seeds": 1, "ngf": 1, "ndf": 1, "segmenter_width": 1,
+    config.check_gan_options(args)
+    config.check_option_ranges(args, {"seeds": 1, "segmenter_width": 1,
                                       "segmenter_batch_size": 1, "c2st_epochs": 1, "threads": 0},
                                positive=("budget_minutes", "layouts_per_tile", "rare_class_weight"))
     if not 0 < args.test_fraction < 1:
@@ -111,6 +104,11 @@ def study_options(args):
     return options
 
 
+def recorded_options(record):
+    """A study.json's options, with GAN options newer than the study at the values it trained with."""
+    return config.fill_legacy(json.loads(record.read_text())["options"], model=False)
+
+
 def check_reference_source(args, options):
     """--reference-from S0: a study whose reference stage has finished, made with the same REFERENCE_OPTIONS."""
     if not args.reference_from:
@@ -121,7 +119,7 @@ def check_reference_source(args, options):
         raise UserError(f"--reference-from {source}: no finished reference stage there ({marker} not found)")
     if source.resolve() == Path(args.out_dir).resolve():
         raise UserError(f"--reference-from {source} is this study's own --out-dir; give another study")
-    saved = json.loads(record.read_text())["options"]
+    saved = recorded_options(record)
     differ = [f"{name} {saved.get(name)} there, {options[name]} here" for name in REFERENCE_OPTIONS
               if saved.get(name) != options[name]]
     if differ:
@@ -138,7 +136,7 @@ def claim_out_dir(args, options):
     if out.exists() and not out.is_dir():
         raise UserError(f"--out-dir {out} is a file; give a folder for the study")
     if record.is_file():
-        saved = json.loads(record.read_text())["options"]
+        saved = recorded_options(record)
         changed = [f"{k} {saved.get(k)} there, {v} here" for k, v in options.items() if saved.get(k) != v]
         if args.overwrite:
             shutil.rmtree(out)

@@ -145,3 +145,28 @@ def test_l1_lowpass_takes_l1_between_the_pooled_images(factor, one_thread):
     assert losses[2].item() == pytest.approx(expected.item(), rel=1e-5)
     if factor > 1:  # pooling changes the loss: the option reached the step
         assert losses[2].item() != pytest.approx((F.l1_loss(fake, real) * args.l1_lambda).item(), rel=1e-3)
+
+
+def test_the_study_takes_every_gan_option_with_its_narrower_widths():
+    from quality import options
+    flags = {a.dest: a for a in options.parser()._actions}
+    for option in config.GAN_OPTIONS:
+        assert flags[option.name].help == option.help
+        default = flags[option.name].default
+        expected = options.GAN_DEFAULTS.get(option.name, option.default)
+        assert (tuple(default) if isinstance(default, list) else default) == expected
+        assert option.name in options.STUDY_OPTIONS
+    args = options.parse_args(["--l1-lowpass", "2", "--d-augment", "diffaug"])
+    assert (args.l1_lowpass, args.d_augment) == (2, "diffaug")
+    with pytest.raises(UserError, match="--lr must be a finite number"):
+        options.parse_args(["--lr", "nan"])
+
+
+def test_a_study_recorded_before_an_option_existed_reads_with_its_legacy_value(tmp_path):
+    import json
+
+    from quality.options import recorded_options
+    record = tmp_path / "study.json"
+    record.write_text(json.dumps({"options": {"generator": "unet", "l1_lambda": 75.0}}))
+    saved = recorded_options(record)
+    assert saved["l1_lowpass"] == 1 and saved["d_augment"] == "none" and saved["ema_half_life"] == 0
