@@ -90,7 +90,8 @@ class Loop:
         restarts that epoch: the sampler's split of it differs."""
         if resume is None:
             return Position(sums=self.zeros())
-        position = Position(epoch=resume["epoch"], batches_done=resume.get("batches_done", 0), step=resume["step"],
+        # Segmenter checkpoints from before this skeleton record whole epochs, and no step count.
+        position = Position(epoch=resume["epoch"], batches_done=resume.get("batches_done", 0), step=resume.get("step", 0),
                             history=list(resume["history"]), wandb_run_id=resume.get("wandb_run_id"),
                             sums=self.zeros())
         same_world = resume.get("world_size", 1) == self.info.world_size

@@ -14,7 +14,9 @@ The loss is cross-entropy + soft Dice, because background is most of every patch
 After every epoch the test folds are segmented and per-class Dice and IoU (pixel
 counts summed over the whole test set; see metrics.dice_iou) are printed and
 appended to OUT/metrics.json, and OUT/checkpoints/last.pt is replaced atomically
-(model, optimiser, grad scaler, epoch, RNG): continue a run with --resume.
+(model, optimiser, grad scaler, position in the epoch, RNG): continue a run with
+--resume. SIGTERM or Ctrl-C saves last.pt at the next step and exits with status 143;
+a run killed outright resumes from its last epoch.
 The learning rate follows a cosine from --lr to 0 over --epochs.
 
 The model learns its data's scale (PanNuke 40x, about 0.25 um/px; CoNIC 20x, about
@@ -28,19 +30,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import config
 from dataset.conic import build_conic
 from dataset.pannuke import build_pannuke
+from loop import Loop, StopRequest
 from metrics import confusion_matrix, format_mask_table, mask_scores
 from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
                      loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
                      resolve_precision, unwrap, wrap_ddp)
 from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, RESUME_KEYS, build_segmenter,
                        load_encoder_weights, read_segmenter_checkpoint, to_device, train_step)
-from utils import (UserError, atomic_save_text, atomic_save_torch, get_rng_state, run_main, seed_everything,
-                   set_rng_state)
+from utils import UserError, atomic_save_text, run_main, seed_everything
 
 
 def parser():
@@ -68,6 +69,8 @@ def parser():
     g = p.add_argument_group("outputs and resuming")
     g.add_argument("--out-dir", default="runs/segmenter", help="run folder: checkpoints/last.pt, metrics.json")
     g.add_argument("--resume", default=None, metavar="CKPT", help="continue from OUT/checkpoints/last.pt")
+    g.add_argument("--save-every-steps", type=int, default=0,
+                   help="also refresh last.pt every N steps inside an epoch (0: at epoch ends only)")
     g.add_argument("--overwrite", action="store_true",
                    help="start afresh in an --out-dir that already holds a run, deleting its checkpoints")
     config.add_wandb_args(g, project=config.WANDB_PROJECT + "-segmenter")
@@ -103,13 +106,20 @@ def conic_datasets(args):
 DATASETS = {"pannuke": (pannuke_datasets, config.PANNUKE_MPP), "conic": (conic_datasets, config.CONIC_MPP)}
 
 
-def train(args, resume, info, device, channels_last):
+def segmenter_payload(args, model_cfg, model, opt, scaler, mpp):
+    """The segmenter's own checkpoint entries (loop.Loop adds the position and RNG state)."""
+    return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": unwrap(model).state_dict(),
+            "model_config": model_cfg, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+            "config": vars(args), "mpp": mpp}
+
+
+def train(args, resume, info, device, channels_last, stop):
     out_dir = Path(args.out_dir)
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
     precision = resolve_precision(args.precision, device)
     autocast = autocast_context(device, precision)
     log = print if info.is_main else (lambda *a, **k: None)
 
+    # --- data, and the model it asks for
     build_datasets, mpp = DATASETS[args.dataset]
     train_set, test_set = build_datasets(args)
     label_set = train_set.label_set
@@ -128,17 +138,18 @@ def train(args, resume, info, device, channels_last):
     model = model.to(device, memory_format=memory_format)
     opt = make_optimizer(model.parameters(), args.lr, (0.9, 0.999), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    start_epoch, history = 0, []
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        start_epoch, history = resume["epoch"], list(resume["history"])
-        if resume["world_size"] == info.world_size:
-            set_rng_state(resume["rng"][info.rank])
-        log(f"resumed from {args.resume}: epoch {start_epoch + 1}")
-    run = init_wandb(args, resume.get("wandb_run_id") if resume else None) if info.is_main else None
 
+    # --- where the run stands
+    loop = Loop(out_dir, info, device, ("train_loss",),
+                lambda: segmenter_payload(args, model_cfg, model, opt, scaler, mpp), stop, config.LOG_EVERY_STEPS,
+                args.save_every_steps)
+    position = loop.restore(resume, args.resume, log)
+    run = init_wandb(args, position.wandb_run_id) if info.is_main else None
+    if run is not None:
+        position.wandb_run_id = run.id
     model = maybe_compile(wrap_ddp(model, info, device), args.compile)
 
     sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=args.seed)
@@ -151,67 +162,53 @@ def train(args, resume, info, device, channels_last):
         f"{device.type}, precision {precision}, batch {args.batch_size} x {info.world_size}, "
         f"{workers} loader worker(s)")
 
-    for epoch in range(start_epoch, args.epochs):
-        lr = args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    def step(batch):
+        return train_step(model, opt, scaler, *batch, device, channels_last, autocast)
+
+    # --- the epochs
+    while position.epoch < args.epochs:
+        lr = args.lr * 0.5 * (1 + math.cos(math.pi * position.epoch / args.epochs))
         for group in opt.param_groups:
             group["lr"] = lr
-        sampler.set_epoch(epoch)
         model.train()
-        sums = torch.zeros(2, device=device)  # [loss sum, batches]
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main, dynamic_ncols=True)
-        for step, (labels, image) in enumerate(bar, start=1):
-            loss = train_step(model, opt, scaler, labels, image, device, channels_last, autocast)
-            sums += torch.stack([loss, torch.ones((), device=device)])
-            if step % config.LOG_EVERY_STEPS == 0:  # reading the loss syncs the device: not every step
-                bar.set_postfix(loss=f"{(sums[0] / sums[1]).item():.4f}")
-        bar.close()
-
+        sums = loop.epoch(position, loader, sampler, step, f"epoch {position.epoch + 1}/{args.epochs}")
         cm = evaluate(unwrap(model), test_loader, device, autocast, channels_last, label_set.num_classes)
-        rng = get_rng_state()
         if info.distributed:
-            dist.all_reduce(sums)
             dist.all_reduce(cm)
-            rngs = [None] * info.world_size
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        train_loss = (sums[0] / sums[1].clamp(min=1)).item()
-        if not math.isfinite(train_loss):  # stop before last.pt is overwritten: it keeps the last good epoch
-            raise UserError(f"training diverged in epoch {epoch + 1} (mean loss {train_loss}): lower --lr or use "
-                            f"--precision fp32; {ckpt_path} still holds the last good epoch, if any")
         scores = mask_scores(cm.cpu(), label_set)
-        history.append({"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, **scores})
+        means = loop.end_epoch(position, sums, {"lr": lr, **scores})
+        if not math.isfinite(means["train_loss"]):  # stop before last.pt is overwritten: it keeps the last good epoch
+            raise UserError(f"training diverged in epoch {position.epoch} (mean loss {means['train_loss']}): lower "
+                            f"--lr or use --precision fp32; {loop.last_checkpoint} still holds the last good epoch, "
+                            f"if any")
+        loop.save(position, loop.zeros())
         if info.is_main:
-            atomic_save_torch({
-                "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": unwrap(model).state_dict(),
-                "model_config": model_cfg, "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "history": history, "rng": rngs, "world_size": info.world_size,
-                "config": vars(args), "mpp": mpp, "wandb_run_id": run.id if run is not None else None}, ckpt_path)
             atomic_save_text(out_dir / "metrics.json", json.dumps(
-                {"classes": list(label_set.class_names), "test_patches": len(test_set), "history": history},
+                {"classes": list(label_set.class_names), "test_patches": len(test_set), "history": position.history},
                 indent=1, allow_nan=False))
-            log(f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, test ({len(test_set)} patches):\n"
+            log(f"epoch {position.epoch}: train loss {means['train_loss']:.4f}, test ({len(test_set)} patches):\n"
                 + format_mask_table(scores))
             if run is not None:
-                run.log({"epoch": epoch + 1, "lr": lr, "train/loss": train_loss, "test/dice_nuclei":
-                         scores["dice"]["Nuclei"], "test/mean_dice_types": scores["mean_dice_types"]})
-        barrier()
+                run.log({"epoch": position.epoch, "lr": lr, "train/loss": means["train_loss"],
+                         "test/dice_nuclei": scores["dice"]["Nuclei"], "test/mean_dice_types": scores["mean_dice_types"]})
     if run is not None:
         run.finish()
-    log(f"done: {ckpt_path}")
+    log(f"done: {loop.last_checkpoint}")
 
 
 @run_main
 def main(argv=None):
     args, resume = config.settle_config(parser(), argv, lambda path: read_segmenter_checkpoint(path, RESUME_KEYS),
                                         config.SEGMENTER_RUN_OPTIONS, log=main_process_log)
-    config.check_option_ranges(args, {"epochs": 1, "batch_size": 1, "width": 1}, positive=("lr",))
+    config.check_option_ranges(args, {"epochs": 1, "batch_size": 1, "width": 1, "save_every_steps": 0},
+                               positive=("lr",))
     config.check_epochs_left(args, resume)
-    with distributed(args.device, channels_last=args.channels_last) as (info, device, channels_last):
+    with distributed(args.device, channels_last=args.channels_last) as (info, device, channels_last), \
+            StopRequest() as stop:
         if info.is_main:
             prepare_run_dir(args.out_dir, resume is not None, args.overwrite)
         barrier()
-        train(args, resume, info, device, channels_last)
+        train(args, resume, info, device, channels_last, stop)
 
 
 if __name__ == "__main__":

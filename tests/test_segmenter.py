@@ -396,3 +396,68 @@ def test_truncated_image_is_a_clear_error(seg_checkpoint, utp_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: cannot decode image") and str(image_path) in errors[0]
+
+
+# --------------------------------------------------------------------------- stopping and killing (loop.Loop)
+
+def _start_segmenter(*args):
+    return subprocess.Popen([sys.executable, "train_segmenter.py", *args], cwd=ROOT, env=ENV, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _mid_epoch(path):
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, weights_only=True)  # atomic rename: whatever is there is whole
+    return ckpt if ckpt["batches_done"] > 0 else None
+
+
+@pytest.fixture(scope="module")
+def batch1_reference(pannuke_folds, tmp_path_factory):
+    """2 epochs at batch 1 (6 steps an epoch), uninterrupted."""
+    import train_segmenter
+    out = tmp_path_factory.mktemp("seg_batch1")
+    train_segmenter.main(train_args(pannuke_folds, out, 2, "--batch-size", "1"))
+    return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+
+
+def assert_same_run(ckpt, reference):
+    assert (ckpt["epoch"], ckpt["batches_done"], ckpt["step"]) == (reference["epoch"], 0, reference["step"])
+    for key in ("model", "optimizer"):
+        for k, v in reference[key].items() if key == "model" else reference[key]["state"].items():
+            got = ckpt[key][k] if key == "model" else ckpt[key]["state"][k]
+            if isinstance(v, dict):
+                assert all(torch.equal(got[n], t) for n, t in v.items()), f"{key}.{k}"
+            else:
+                assert torch.equal(got, v), f"{key}.{k}"
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2]
+    assert ckpt["history"][-1]["train_loss"] == pytest.approx(reference["history"][-1]["train_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_stopped_or_killed_mid_epoch_resumes_as_if_uninterrupted(how, pannuke_folds, batch1_reference, tmp_path):
+    """SIGTERM saves where the run stands and exits 143 without a traceback; after SIGKILL the
+    last --save-every-steps checkpoint is whole. Either way the resumed run equals the uninterrupted one."""
+    import signal
+
+    import train_segmenter
+    from conftest import wait_for
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pt"
+    proc = _start_segmenter(*train_args(pannuke_folds, out, 2, "--batch-size", "1", "--save-every-steps", "1"))
+    try:
+        wait_for(lambda: _mid_epoch(last), proc, 240, "a mid-epoch checkpoint")
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if how == "sigterm":
+        assert proc.returncode == 143, err[-2000:]
+        assert "Traceback" not in err and "stopped by signal" in stdout + err
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    stopped = torch.load(last, weights_only=True)
+    assert (stopped["epoch"], stopped["batches_done"]) < (2, 0), "nothing left to resume"
+    train_segmenter.main(train_args(pannuke_folds, out, 2, "--batch-size", "1", "--resume", str(last)))
+    assert_same_run(torch.load(last, weights_only=True), batch1_reference)
