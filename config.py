@@ -123,6 +123,7 @@ STUDY_DIVERSITY_SEED_STEP = 1_000_003   # seed offset between a mask's paintings
 STUDY_BUDGET_MINUTES = 12.0             # training time per GAN; each segmenter run gets a share of it, as steps
 STUDY_SEGMENTER_SHARES = {"reference": 0.25, "augment": 0.125}
 STUDY_MIN_SEGMENTER_STEPS = 2
+STUDY_SAVE_EVERY_STEPS = 250            # a killed study resumes its segmenter runs from these saves
 STUDY_CALIBRATION_STEPS = 3             # timed segmenter steps that turn the shares into steps
 STUDY_GAN_WIDTH = 32                    # --ngf and --ndf
 STUDY_GAN_SAMPLES = 4                   # rows of the GAN runs' sample grids (held-out test tiles)

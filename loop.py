@@ -67,7 +67,9 @@ class Position:
 @dataclass
 class Loop:
     """One run's shared machinery. `names` are the values each step returns (their epoch
-    means go into the history); `payload()` gives the loop's own checkpoint entries."""
+    means go into the history); `payload()` gives the loop's own checkpoint entries.
+    Without `out_dir` nothing is saved (a stop then exits all the same). `resume_hint`
+    tells a stopped run's user how to continue; `progress` shows a bar per epoch."""
     out_dir: Path
     info: DistInfo
     device: torch.device
@@ -76,10 +78,12 @@ class Loop:
     stop: StopRequest
     log_every: int
     save_every_steps: int = 0
+    resume_hint: str = None
+    progress: bool = True
 
     @property
     def last_checkpoint(self):
-        return Path(self.out_dir) / "checkpoints" / "last.pt"
+        return None if self.out_dir is None else Path(self.out_dir) / "checkpoints" / "last.pt"
 
     def zeros(self):
         return torch.zeros(len(self.names) + 1)
@@ -123,6 +127,8 @@ class Loop:
                 "world_size": self.info.world_size, "wandb_run_id": position.wandb_run_id}
 
     def save(self, position, sums, also_as=None):
+        if self.out_dir is None:
+            return
         state = self.state(position, sums)
         if self.info.is_main:
             atomic_save_torch(state, self.last_checkpoint)
@@ -140,10 +146,11 @@ class Loop:
         means = (packed[:count] / packed[count].clamp(min=1)).tolist()
         return dict(zip(self.names, means)), packed[count + 1].item() > 0
 
-    def epoch(self, position, loader, sampler, step, desc, on_log=None):
-        """One epoch from position.batches_done on: `step(batch)` per batch. Every --log-every
-        steps the means go to the progress bar and `on_log(means)`. A stop request saves
-        last.pt where the run stands and exits with status 143. Returns this rank's sums."""
+    def epoch(self, position, loader, sampler, step, desc, on_log=None, until_step=None):
+        """One epoch from position.batches_done on (or up to step `until_step`): `step(batch)`
+        per batch. Every --log-every steps the means go to the progress bar and
+        `on_log(means)`. A stop request saves last.pt where the run stands and exits with
+        status 143. Returns this rank's sums."""
         sampler.set_epoch(position.epoch, skip=position.batches_done * loader.batch_size)
         sums = position.sums.to(self.device)
         position.sums = self.zeros()
@@ -152,7 +159,7 @@ class Loop:
         # A lone process checks the (host-side) stop flag every step; under DDP all ranks
         # must agree on the step, so the flag travels with the --log-every reduction.
         check_every = self.log_every if self.info.distributed else 1
-        with tqdm(loader, desc=desc, disable=not self.info.is_main, dynamic_ncols=True,
+        with tqdm(loader, desc=desc, disable=not (self.info.is_main and self.progress), dynamic_ncols=True,
                   initial=position.batches_done, total=epoch_batches) as bar:
             for batch in bar:
                 sums[:count] += step(batch)
@@ -170,11 +177,15 @@ class Loop:
                 if stopping:
                     self.save(position, sums)
                     if self.info.is_main:
-                        print(f"stopped by signal; saved {self.last_checkpoint} (epoch {position.epoch + 1}, batch "
-                              f"{position.batches_done}); continue with --resume {self.last_checkpoint}")
+                        saved = f"saved {self.last_checkpoint} (epoch {position.epoch + 1}, batch " \
+                                f"{position.batches_done})" if self.out_dir is not None else "nothing saved"
+                        hint = self.resume_hint or f"continue with --resume {self.last_checkpoint}"
+                        print(f"stopped by signal; {saved}; {hint}", flush=True)
                     raise SystemExit(143)
                 if self.save_every_steps and position.step % self.save_every_steps == 0:
                     self.save(position, sums)
+                if position.step == until_step:
+                    break
         return sums
 
     def end_epoch(self, position, sums, extra=None):

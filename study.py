@@ -35,6 +35,7 @@ import json
 import sys
 import time
 
+from loop import StopRequest
 from quality import render
 from quality.options import check_reference_source, claim_out_dir, parse_args, study_options
 from quality.results import collect
@@ -50,8 +51,9 @@ def main(argv=None):
     names = open_data(args.data_dir)
     options = study_options(args)
     check_reference_source(args, options)
-    study = Study(args, claim_out_dir(args, options), names)
-    result = collect(study, run_stages(study), argv, options)
+    with StopRequest() as stop:  # SIGTERM/Ctrl-C: the running stage saves and the study exits 143
+        study = Study(args, claim_out_dir(args, options), names, stop)
+        result = collect(study, run_stages(study), argv, options)
     render.plot_dice(study.out / "dice_vs_fraction.png", result)
     result["seconds"]["this_run_total"] = round(time.perf_counter() - started, 2)
     atomic_save_text(study.out / "metrics.json", json.dumps(result, indent=1, allow_nan=False))

@@ -20,7 +20,7 @@ import metrics
 from config import (STUDY_C2ST_FOLDS, STUDY_CALIBRATION_STEPS, STUDY_DIVERSITY_MASKS, STUDY_DIVERSITY_SAMPLES,
                     STUDY_DIVERSITY_SEED_STEP, STUDY_GAN_SAMPLES, STUDY_GRID_ROWS, STUDY_MIN_LABELLED_TILES,
                     STUDY_MIN_SEGMENTER_STEPS, STUDY_NUCLEI_COPIED, STUDY_PAINT_BATCH, STUDY_RARE_SHARE,
-                    STUDY_SEGMENTER_SHARES)
+                    STUDY_SAVE_EVERY_STEPS, STUDY_SEGMENTER_SHARES)
 from dataset.common import split_item
 from dataset.conic import (CoNIC, gan_datasets, most_nuclei_first, open_conic, patch_source, read_split_file,
                            split_by_source, write_conic_folder, write_split_file)
@@ -30,12 +30,14 @@ from gan import generate, load_generator, parameter_counts, read_checkpoint, rea
 from generator_model import depth_for_tile
 from quality.options import GAN_OPTIONS
 from report import grid, to_uint8_image
-from runtime import (SeededSampler, autocast_context, loader_workers, make_loader, make_optimizer,
+from loop import Loop
+from runtime import (DistInfo, SeededSampler, autocast_context, loader_workers, make_loader, make_optimizer,
                      resolve_channels_last, resolve_device, resolve_precision)
 from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_segmenter, load_segmenter, segmenter_features,
                        train_step)
 from train_utils import run_training
-from utils import UserError, atomic_save_png, atomic_save_text, atomic_save_torch, atomic_write, seed_everything
+from utils import (UserError, atomic_save_png, atomic_save_text, atomic_save_torch, atomic_write, safe_torch_load,
+                   seed_everything)
 
 POOLS = ("real", "real+synthetic")
 
@@ -73,10 +75,11 @@ def write_tiles(folder, images, classes, instances, names):
 
 
 class Study:
-    """The options, S, the device, and the split as the split stage wrote it."""
+    """The options, S, the device, the stop request (loop.StopRequest) its loops heed, and the split as the
+    split stage wrote it."""
 
-    def __init__(self, args, out, names):
-        self.args, self.out, self.names = args, out, names
+    def __init__(self, args, out, names, stop):
+        self.args, self.out, self.names, self.stop = args, out, names, stop
         if args.threads:
             torch.set_num_threads(args.threads)
         self.device = resolve_device(args.device)
@@ -184,10 +187,12 @@ def segmenter_config(args):
     return {"encoder": "unet", "width": args.segmenter_width, "label_set": CONIC.name}
 
 
-def fit_segmenter(study, dataset, steps, seed):
+def fit_segmenter(study, dataset, steps, seed, run_dir=None):
     """A fresh segmenter trained for exactly `steps` Adam steps on `dataset` (CoNIC items; seeded flips and
     rotations through SeededSampler), its lr on a cosine from config.SEGMENTER_LR to 0 over those steps, so the
-    schedule is the same whatever the pool. Returned in eval mode."""
+    schedule is the same whatever the pool. Returned in eval mode. With `run_dir` it runs on loop.Loop: a stop
+    request or a kill resumes there from the last save (every STUDY_SAVE_EVERY_STEPS steps), and the
+    checkpoint is removed once the run is done."""
     seed_everything(seed)
     layout = torch.channels_last if study.channels_last else torch.contiguous_format
     model = build_segmenter(segmenter_config(study.args)).to(study.device, memory_format=layout)
@@ -195,17 +200,31 @@ def fit_segmenter(study, dataset, steps, seed):
     scaler = torch.amp.GradScaler(study.device.type, enabled=study.precision == "fp16")
     sampler = SeededSampler(dataset, seed=seed)
     loader = make_loader(dataset, study.args.segmenter_batch_size, study.workers, study.device, sampler=sampler)
+    loop = Loop(run_dir, DistInfo(), study.device, ("loss",),
+                lambda: {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()},
+                study.stop, log_every=steps, save_every_steps=STUDY_SAVE_EVERY_STEPS if run_dir else 0,
+                resume_hint="run the same study.py command again to continue", progress=False)
+    last = loop.last_checkpoint
+    resume = safe_torch_load(last) if last is not None and last.is_file() else None
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+    position = loop.restore(resume, last, print)
+
+    def step(batch):
+        for group in opt.param_groups:
+            group["lr"] = config.SEGMENTER_LR * 0.5 * (1 + math.cos(math.pi * position.step / steps))
+        return train_step(model, opt, scaler, *batch, study.device, study.channels_last, study.autocast)
+
     model.train()
-    step = 0
-    for epoch in itertools.count():
-        sampler.set_epoch(epoch)
-        for labels, image in loader:
-            for group in opt.param_groups:
-                group["lr"] = config.SEGMENTER_LR * 0.5 * (1 + math.cos(math.pi * step / steps))
-            train_step(model, opt, scaler, labels, image, study.device, study.channels_last, study.autocast)
-            step += 1
-            if step == steps:
-                return model.eval()
+    while position.step < steps:
+        sums = loop.epoch(position, loader, sampler, step, "segmenter", until_step=steps)
+        if position.step < steps:
+            loop.end_epoch(position, sums)
+    if last is not None:
+        last.unlink(missing_ok=True)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -247,7 +266,7 @@ def reference_stage(study):
     step_seconds = (time.perf_counter() - started) / STUDY_CALIBRATION_STEPS
     steps = {name: max(STUDY_MIN_SEGMENTER_STEPS, int(share * args.budget_minutes * 60 / step_seconds))
              for name, share in STUDY_SEGMENTER_SHARES.items()}
-    model = fit_segmenter(study, train, steps["reference"], args.seed)
+    model = fit_segmenter(study, train, steps["reference"], args.seed, study.out / "reference" / "run")
     # A train_segmenter.py-style checkpoint: segmenter.load_segmenter (and make_masks.py) read it.
     atomic_save_torch({"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
                        "model_config": segmenter_config(args), "mpp": config.CONIC_MPP},
@@ -389,7 +408,7 @@ def augment_stage(study, k, pool, seed, steps):
     parts = [CoNIC(args.data_dir, study.split(k)[0], augment=True)]
     if pool == "real+synthetic":
         parts += [CoNIC(study.kdir(k) / f"synthetic_{source}", augment=True) for source in args.synthetic]
-    model = fit_segmenter(study, Pool(parts), steps, seed)
+    model = fit_segmenter(study, Pool(parts), steps, seed, study.out / augment_name(k, pool, seed) / "run")
     return {"pool": pool, "seed": seed, "tiles": sum(map(len, parts)), "steps": steps,
             "test": segmentation_scores(predict(study, model, study.test.images), study.test)}
 
