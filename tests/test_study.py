@@ -467,7 +467,8 @@ def test_compare_studies_tables_and_grids_two_gans(smoke, spade_smoke, run_scrip
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (out / "compare.md").read_text().splitlines()
     rows = [line.split(" | ") for line in lines if line.startswith(("| S |", "| spade |"))]
-    assert [r[1] for r in rows] == ["unet (transpose) + patch, --l1-lambda 50", "spade + oasis, --noise-dim 4, --l1-lambda 50"]
+    assert [r[1] for r in rows] == ["unet (transpose) + patch, --l1-lambda 50",
+                                    "spade + oasis, --noise-dim 4, --l1-lambda 50"]
     spade = json.loads((spade_smoke / "metrics.json").read_text())
     assert rows[1][3] == str(spade["gan"]["100"]["steps"])
     assert rows[1][2] == "{generator:.2f}M / {discriminator:.2f}M".format(
