@@ -25,6 +25,9 @@ test split are refused, since they would leak the test set into training.
 --target grade skips HP and NORM rows (they have no dysplasia grade).
 Writes OUT/metrics.json (accuracy, balanced_accuracy, confusion_matrix, ...),
 OUT/confusion_matrix.png and OUT/classifier.pt; under torchrun only rank 0 writes.
+OUT/checkpoints/last.pt is refreshed every epoch (and every --save-every-steps):
+SIGTERM or Ctrl-C saves it and exits with status 143, and --resume continues the
+run exactly; a folder that holds a run is refused without --resume or --overwrite.
 """
 import argparse
 import json
@@ -43,12 +46,16 @@ import config
 import metrics
 from dataset.common import split_item
 from dataset.unitopatho import CLASSES, UniToPatho, read_split
-from runtime import (autocast_context, barrier, distributed, init_wandb, load_model_state, loader_workers, make_loader,
-                     make_optimizer, maybe_compile, resolve_precision, unwrap, wrap_ddp)
-from utils import (ArrayCache, UserError, atomic_save_figure, atomic_save_text, atomic_save_torch, run_main,
-                   safe_torch_load)
+from loop import Loop, StopRequest
+from runtime import (autocast_context, barrier, distributed, init_wandb, load_model_state, loader_workers,
+                     main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir, resolve_precision,
+                     unwrap, wrap_ddp)
+from utils import (ArrayCache, UserError, atomic_save_figure, atomic_save_text, atomic_save_torch,
+                   load_checkpoint_of_kind, run_main, safe_torch_load)
 
 CHECKPOINT_KIND = "utp-classifier"
+CHECKPOINT_VERSION = 1
+RESUME_KEYS = ("model", "classes", "optimizer", "schedule", "scaler", "config", "epoch", "history", "rng")
 
 
 def parser():
@@ -59,7 +66,12 @@ def parser():
                    help="synthetic training images: S/train.csv + S/<top_label_name>/<image_id>")
     p.add_argument("--target", default="top_label", choices=list(CLASSES), help="label to predict")
     p.add_argument("--out-dir", default="runs/classify",
-                   help="where metrics.json, confusion_matrix.png, classifier.pt go")
+                   help="where metrics.json, confusion_matrix.png, classifier.pt and checkpoints/last.pt go")
+    p.add_argument("--resume", default=None, metavar="CKPT", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out-dir that already holds a run, deleting its checkpoints")
+    p.add_argument("--save-every-steps", type=int, default=0,
+                   help="also refresh last.pt every N steps inside an epoch (0: at epoch ends only)")
     p.add_argument("--epochs", type=int, default=config.CLASSIFIER_EPOCHS,
                    help="epochs of (number of real training images) draws")
     p.add_argument("--batch-size", type=int, default=config.CLASSIFIER_BATCH_SIZE, help="batch size per process")
@@ -129,21 +141,23 @@ class BalancedSampler(torch.utils.data.Sampler):
         counts = np.bincount(targets)
         self.probs = 1.0 / counts[targets]
         self.probs /= self.probs.sum()
-        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_replicas, self.rank, self.seed, self.epoch, self.skip = num_replicas, rank, seed, 0, 0
         self.per_rank = math.ceil(num_samples / num_replicas)
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """`skip`: this process's draws already trained on (a run resumed mid-epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         total = self.per_rank * self.num_replicas
         draws = rng.choice(len(self.probs), size=total, p=self.probs)
         seeds = rng.integers(2 ** 32, size=total)
-        return iter([(int(draws[i]), int(seeds[i])) for i in range(self.rank, total, self.num_replicas)])
+        mine = range(self.rank, total, self.num_replicas)[self.skip:]
+        return iter([(int(draws[i]), int(seeds[i])) for i in mine])
 
     def __len__(self):
-        return self.per_rank
+        return max(0, self.per_rank - self.skip)
 
 
 def load_splits(args):
@@ -239,7 +253,7 @@ def save_confusion_plot(cm, classes, path, title):
 
 # --------------------------------------------------------------------------- main
 
-def train(args, info, device):
+def train(args, resume, info, device, stop):
     out_dir = Path(args.out_dir)
     real, synthetic, test = load_splits(args)
     classes = CLASSES[args.target]
@@ -251,6 +265,8 @@ def train(args, info, device):
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank and in every run
     model = build_classifier(len(classes), args.weights)
+    if resume is not None:
+        load_model_state(model, resume["model"], args.resume, "classifier")
     model = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     model = maybe_compile(wrap_ddp(model, info, device), args.compile)
 
@@ -260,35 +276,48 @@ def train(args, info, device):
     opt = make_optimizer(model.parameters(), args.lr, (0.9, 0.999), device)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    log = print if info.is_main else (lambda *a, **k: None)
     if info.is_main:
         print(f"training on {len(real)} real + {len(synthetic) if synthetic else 0} synthetic images, "
               f"{len(real)} class-balanced draws per epoch, {total_steps} steps, {info.world_size} process(es) on "
               f"{device.type}, precision {precision}")
 
-    run = init_wandb(args) if info.is_main else None
-    history = []
-    for epoch in range(args.epochs):
-        sampler.set_epoch(epoch)
+    if resume is not None:
+        for name, part in (("optimizer", opt), ("schedule", schedule), ("scaler", scaler)):
+            part.load_state_dict(resume[name])
+
+    def payload():
+        return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": unwrap(model).state_dict(),
+                "classes": list(classes), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(), "config": vars(args)}
+
+    loop = Loop(out_dir, info, device, ("loss",), payload, stop, config.LOG_EVERY_STEPS, args.save_every_steps)
+    position = loop.restore(resume, args.resume, log)
+    run = init_wandb(args, position.wandb_run_id) if info.is_main else None
+    if run is not None:
+        position.wandb_run_id = run.id
+
+    def step(batch):
+        images, targets = batch
+        with autocast:
+            logits = model(to_input(images, device, args.channels_last))
+        loss = nn.functional.cross_entropy(logits.float(), targets.to(device))
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        schedule.step()
+        return loss.detach()
+
+    while position.epoch < args.epochs:
         model.train()
-        sums = torch.zeros(2, device=device)  # [loss sum, batches]
-        for images, targets in tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not info.is_main,
-                                    dynamic_ncols=True):
-            with autocast:
-                logits = model(to_input(images, device, args.channels_last))
-            loss = nn.functional.cross_entropy(logits.float(), targets.to(device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            schedule.step()
-            sums += torch.stack([loss.detach(), torch.ones((), device=device)])
-        if info.distributed:
-            dist.all_reduce(sums)
-        history.append({"epoch": epoch + 1, "loss": (sums[0] / sums[1].clamp(min=1)).item()})
-        if info.is_main:
-            print(f"epoch {epoch + 1}: loss {history[-1]['loss']:.4f}")
-            if run is not None:
-                run.log({"epoch": epoch + 1, "train/loss": history[-1]["loss"]})
+        sums = loop.epoch(position, loader, sampler, step, f"epoch {position.epoch + 1}/{args.epochs}")
+        means = loop.end_epoch(position, sums)
+        loop.save(position, loop.zeros())
+        log(f"epoch {position.epoch}: loss {means['loss']:.4f}")
+        if run is not None:
+            run.log({"epoch": position.epoch, "train/loss": means["loss"]})
+    history = position.history
 
     test_items = ClassifierImages([test], args.image_size, augment=False, cache_dir=args.cache_dir)
     preds = predict(model, test_items, args, device, autocast, workers, info)
@@ -311,7 +340,7 @@ def train(args, info, device):
     which = "real + synthetic" if synthetic else "real only"
     save_confusion_plot(cm, classes, out_dir / "confusion_matrix.png",
                         f"{args.target}, {which}: balanced accuracy {result['balanced_accuracy']:.3f}")
-    atomic_save_torch({"kind": CHECKPOINT_KIND, "version": 1, "model": unwrap(model).state_dict(),
+    atomic_save_torch({"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": unwrap(model).state_dict(),
                        "classes": list(classes), "config": vars(args)}, out_dir / "classifier.pt")
     print(f"{which}: accuracy {result['accuracy']:.4f}, balanced accuracy {result['balanced_accuracy']:.4f} "
           f"on {len(test_items)} test images; wrote {out_dir / 'metrics.json'}")
@@ -320,13 +349,25 @@ def train(args, info, device):
         run.finish()
 
 
+def read_resume_checkpoint(path):
+    return load_checkpoint_of_kind(path, CHECKPOINT_KIND, RESUME_KEYS, CHECKPOINT_VERSION)
+
+
 @run_main
 def main(argv=None):
-    args = parser().parse_args(argv)
+    args, resume = config.settle_config(parser(), argv, read_resume_checkpoint, config.CLASSIFIER_RUN_OPTIONS,
+                                        log=main_process_log)
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 32:
         raise UserError("--epochs and --batch-size must be at least 1 and --image-size at least 32")
-    with distributed(args.device, args.dist_timeout, args.channels_last) as (info, device, args.channels_last):
-        train(args, info, device)
+    config.check_option_ranges(args, {"save_every_steps": 0}, positive=("lr",))
+    config.check_epochs_left(args, resume)
+    with distributed(args.device, args.dist_timeout, args.channels_last) as (info, device, channels_last), \
+            StopRequest() as stop:
+        args = config.RunConfig(**{**vars(args), "channels_last": channels_last})  # the layout resolved for the device
+        if info.is_main:
+            prepare_run_dir(args.out_dir, resume is not None, args.overwrite)
+        barrier()
+        train(args, resume, info, device, stop)
         barrier()
 
 

@@ -67,6 +67,7 @@ CLASSIFIER_EPOCHS = 20
 CLASSIFIER_BATCH_SIZE = 32
 CLASSIFIER_LR = 1e-3
 CLASSIFIER_IMAGE_SIZE = 224
+CLASSIFIER_RUN_OPTIONS = ("synthetic_dir", "target", "epochs", "batch_size", "lr", "image_size", "weights", "seed")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

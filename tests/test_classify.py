@@ -155,3 +155,54 @@ def test_torchrun_two_processes(utp, tmp_path):
     assert result["train"]["world_size"] == 2
     assert result["train"]["optimizer_steps"] == 2  # 6 draws per process / batch 4
     assert np.array(result["confusion_matrix"]).sum() == 12  # every test image, gathered from both
+
+
+# --------------------------------------------------------------------------- runs on loop.Loop: refusal, stop, kill
+
+LONG = ["--image-size", "32", "--batch-size", "2", "--epochs", "2", "--workers", "0", "--precision", "fp32",
+        "--wandb", "disabled"]
+
+
+def test_a_finished_run_is_not_replaced_silently(utp, tmp_path, capsys):
+    run(utp, tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        run(utp, tmp_path / "out")
+    assert exit_info.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert run(utp, tmp_path / "out", "--overwrite")["test_images"] == 12
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_stopped_or_killed_classifier_resumes_as_if_uninterrupted(how, utp, tmp_path):
+    import signal
+
+    from conftest import wait_for
+    argv = ["--data-dir", str(utp / "800"), *LONG]
+    classify_utp.main([*argv, "--out-dir", str(tmp_path / "straight")])
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pt"
+
+    def mid_epoch():
+        return last.is_file() and torch.load(last, weights_only=True)["batches_done"] > 0
+
+    proc = subprocess.Popen([sys.executable, str(REPO / "classify_utp.py"), *argv, "--out-dir", str(out),
+                             "--save-every-steps", "1"], cwd=REPO, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for(mid_epoch, proc, 240, "a mid-epoch checkpoint")
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == (143 if how == "sigterm" else -signal.SIGKILL), err[-2000:]
+    assert "Traceback" not in err
+    stopped = torch.load(last, weights_only=True)
+    assert (stopped["epoch"], stopped["batches_done"]) < (2, 0), "nothing left to resume"
+    classify_utp.main([*argv, "--out-dir", str(out), "--resume", str(last)])
+    resumed = json.loads((out / "metrics.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert resumed["confusion_matrix"] == straight["confusion_matrix"]
+    assert resumed["train"]["loss_history"] == straight["train"]["loss_history"]
+    a, b = (torch.load(p / "classifier.pt", weights_only=True)["model"] for p in (out, tmp_path / "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
