@@ -32,7 +32,6 @@ SPADE generator's noise vector (--noise-dim) or, for a U-Net, its dropout (with
 --norm-mode train). With K = 1, OUT itself is the tree, as before.
 """
 import argparse
-import functools
 import hashlib
 import json
 import shutil
@@ -291,6 +290,18 @@ def generate_conic(args, generator, ckpt, device, autocast, rank, world_size, da
     return count
 
 
+def paint_at_native_size(args, generator, autocast, labels, device, seed, multiple, num_classes):
+    """One class map painted at its own size: padded whole, or in overlapping tiles with --tile;
+    train-mode dropout and noise seeded from `seed`."""
+    def forward(mask, seeds):
+        return generate_images(generator, mask, autocast, args.norm_mode, seeds, [seed] * len(seeds))
+
+    if args.tile:
+        return generate_tiled(forward, labels, device, args.tile_overlap, args.batch_size, seed, args.channels_last,
+                              tile=multiple, num_classes=num_classes)
+    return generate_whole(forward, labels, device, seed, args.channels_last, multiple, num_classes)
+
+
 def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_size, pairs=None):
     """Every image of --split at native size from its mask, in the split's own layout."""
     pairs = open_inputs(args, ckpt) if pairs is None else pairs
@@ -305,19 +316,10 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
     mine = list(range(rank, len(split), world_size))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
-    def forward(mask, seeds, image_seed):
-        return generate_images(generator, mask, autocast, args.norm_mode, seeds, [image_seed] * len(seeds))
-
     grids_left = args.grids if rank == 0 else 0
     for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0):
         labels = read_mask(pairs.mask_paths[i], split.paths[i])
-        seed = args.seed + i
-        image_forward = functools.partial(forward, image_seed=seed)
-        if args.tile:
-            fake = generate_tiled(image_forward, labels, device, args.tile_overlap, args.batch_size, seed,
-                                  args.channels_last, tile=multiple, num_classes=classes)
-        else:
-            fake = generate_whole(image_forward, labels, device, seed, args.channels_last, multiple, classes)
+        fake = paint_at_native_size(args, generator, autocast, labels, device, args.seed + i, multiple, classes)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             # mask | real | fake at the centre crop: a quick visual check beside the drop-in tree.
@@ -344,9 +346,6 @@ def generate_folder(args, generator, ckpt, device, autocast, rank, world_size, t
     mine = list(range(rank, len(tiles), world_size))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
-    def forward(mask, seeds, image_seed):
-        return generate_images(generator, mask, autocast, args.norm_mode, seeds, [image_seed] * len(seeds))
-
     grids_left = args.grids if rank == 0 else 0
     for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0):
         labels = tiles.classes(i)
@@ -356,14 +355,8 @@ def generate_folder(args, generator, ckpt, device, autocast, rank, world_size, t
         for source, target in copies:
             inside(out_dir, target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        seed = args.seed + i
-        image_forward = functools.partial(forward, image_seed=seed)
-        if args.tile:
-            fake = generate_tiled(image_forward, labels, device, args.tile_overlap, args.batch_size, seed,
-                                  args.channels_last, tile=multiple, num_classes=classes.num_classes)
-        else:
-            fake = generate_whole(image_forward, labels, device, seed, args.channels_last, multiple,
-                                  classes.num_classes)
+        fake = paint_at_native_size(args, generator, autocast, labels, device, args.seed + i, multiple,
+                                    classes.num_classes)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             real = None if args.masks_only else \
