@@ -206,6 +206,10 @@ GAN_OPTIONS = (
     GanOption("norm", NORM, group="networks", model=True, choices=("batch", "instance"), help="normalisation layers"),
     GanOption("dropout", True, group="networks", model=True, when=("generator", "unet"),
               help="dropout in the first three decoder blocks (pix2pix's noise source)"),
+    GanOption("noise_inject", False, group="networks", model=True, when=("generator", "unet"), legacy=False,
+              help="unet: per-pixel Gaussian noise added after each decoder block's upsampling, times a learned "
+                   "per-channel scale that starts at 0 (StyleGAN's noise inputs), for stochastic texture; drawn "
+                   "fresh every training step, seeded per image in test.py"),
     GanOption("unet_depth", None, group="networks", model=True, minimum=1, legacy=UNET_DEPTH_BEFORE_RECORDED, type=int,
               help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
                    "8 for 256 px and larger), as pix2pix's unet_128 / unet_256; with --generator spade it "

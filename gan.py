@@ -82,7 +82,8 @@ def build_generator(cfg):
         return init_weights(SPADEGenerator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"],
                                            noise_dim=cfg["noise_dim"]))
     return init_weights(Generator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"], dropout=cfg["dropout"],
-                                  num_downs=cfg["unet_depth"], upsample=cfg["upsample"]))
+                                  num_downs=cfg["unet_depth"], upsample=cfg["upsample"],
+                                  noise_inject=cfg["noise_inject"]))
 
 
 def build_discriminator(cfg):
@@ -140,16 +141,20 @@ def generate(generator, mask, autocast, norm_mode="eval", seeds=None):
     eval: running BatchNorm statistics and no dropout (deterministic); train: batch
     statistics and dropout as in the pix2pix paper, without touching the running
     statistics stored in the model. A generator that takes noise gets, for image i,
-    the vector seeded from seeds[i] (default: i), so the same seeds give the same images.
+    the vector (SPADE) or the per-pixel noise inputs (U-Net, --noise-inject) seeded from
+    seeds[i] (default: i), so the same seeds give the same images.
     """
     was_training = generator.training
     # Only train mode updates BatchNorm's running statistics: keep them to put back.
     saved = {k: v.clone() for k, v in generator.state_dict().items()
              if norm_mode == "train" and ("running_" in k or "num_batches" in k)}
     generator.train(norm_mode == "train")
+    seeds = range(len(mask)) if seeds is None else seeds
     inputs = [mask]
     if generator.noise_dim:
-        inputs.append(seeded_noise(range(len(mask)) if seeds is None else seeds, generator.noise_dim, mask.device))
+        inputs.append(seeded_noise(seeds, generator.noise_dim, mask.device))
+    elif getattr(generator, "noise_inject", False):
+        inputs.append(seeds)  # the U-Net's per-pixel noise inputs, seeded per image
     with autocast:
         fake = generator(*inputs).float()
     if saved:

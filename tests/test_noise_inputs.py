@@ -75,3 +75,25 @@ def test_noise_gets_a_gradient_and_is_learned():
     loss.backward()
     scales = [m.scale.grad for m in generator.modules() if isinstance(m, NoiseInjection)]
     assert all(g is not None and g.abs().sum() > 0 for g in scales)
+
+
+def test_gan_generate_seeds_the_noise_inputs_of_a_generator_built_with_the_flag():
+    import contextlib
+
+    import config
+    import gan
+    from dataset.masks import CONIC
+    args = config.training_parser("x", config.add_conic_training_data_args, "x").parse_args(
+        ["--noise-inject", "--ngf", "4", "--no-dropout"])
+    model_cfg = gan.model_config(args, CONIC, 32)
+    assert model_cfg["noise_inject"] is True
+    generator = gan.build_generator(model_cfg)
+    with torch.no_grad():
+        for module in generator.modules():
+            if hasattr(module, "scale") and isinstance(module.scale, torch.nn.Parameter):
+                module.scale.fill_(0.5)  # a trained scale: the noise shows
+    mask = torch.zeros(2, CONIC.num_classes, 32, 32)
+    mask[:, 0] = 1
+    paint = [gan.generate(generator, mask, contextlib.nullcontext(), "eval", seeds) for seeds in ([1, 2], [1, 2], [3, 4])]
+    assert torch.equal(paint[0], paint[1])
+    assert not torch.equal(paint[0], paint[2])
