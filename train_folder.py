@@ -12,10 +12,8 @@ tiles with the most nucleus pixels.
 import os
 from pathlib import Path
 
-import numpy as np
-
 from config import add_folder_training_data_args
-from dataset.conic import write_split_file
+from dataset.conic import most_nuclei_first, write_split_file
 from dataset.folder import FolderTiles, open_folder, split_folder, write_classes
 from train_utils import train_main
 from utils import run_main
@@ -33,9 +31,8 @@ def build_datasets(cfg):
             write_classes(out_dir / "classes.json", folder.label_set)
             print(f"note: {cfg.data_dir} has no classes.json; the classes were inferred from its masks and written "
                   f"to {out_dir / 'classes.json'} (name them there and copy it to {cfg.data_dir})")
-    background = folder.label_set.background
-    nuclei = [int((test_set.classes(i) != background).sum()) for i in range(len(test_set))]
-    shown = test_set.indices[np.argsort(nuclei, kind="stable")[::-1]]
+    ranked = most_nuclei_first((test_set.classes(i) for i in range(len(test_set))), folder.label_set.background)
+    shown = test_set.indices[ranked]
     return train_set, FolderTiles(folder, shown, cfg.crop_size)
 
 

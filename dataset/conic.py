@@ -43,10 +43,10 @@ def patch_source(name):
     return re.split(r"-|__", str(name), maxsplit=1)[0]
 
 
-def most_nuclei_first(classes):
-    """Indices of CoNIC class maps (an (N, H, W) array or any sequence of (H, W) maps), the tile with the
-    most nucleus pixels first (ties in order): grids show those, since many tiles are nearly empty."""
-    counts = np.array([np.count_nonzero(np.asarray(c) != CONIC.background) for c in classes], dtype=np.int64)
+def most_nuclei_first(classes, background=CONIC.background):
+    """Indices of class maps (an (N, H, W) array or any sequence of (H, W) maps), the tile with the most
+    nucleus (not `background`) pixels first, ties in order: grids show those, since many tiles are nearly empty."""
+    counts = np.array([np.count_nonzero(np.asarray(c) != background) for c in classes], dtype=np.int64)
     return np.argsort(-counts, kind="stable")
 
 

@@ -284,3 +284,29 @@ def test_bad_input_gives_one_line(damage, expected, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert all(text in err[0] for text in expected), err[0]
+
+
+def test_a_lizard_folder_trains_on_the_conic_runs_tiles_and_shows_the_same_masks(lizard_folder, tmp_path):
+    """train_folder.py and train_conic.py on the same 20 tiles: the same training set size (hence the
+    same steps) and sample grids of the same masks, in the same order."""
+    import config
+    import train_folder
+    from dataset.conic import gan_datasets, write_conic_folder
+    root, names = lizard_folder
+    conic_dir = tmp_path / "conic"
+    write_conic_folder(conic_dir, np.load(LIZARD / "images.npy")[:20], np.load(LIZARD / "labels.npy")[:20], names)
+
+    def settled(add_data_args, data_dir, out):
+        parser = config.training_parser("x", add_data_args, str(out))
+        return parser.parse_args(["--data-dir", str(data_dir), "--out-dir", str(out), "--crop-size", "128"]
+                                 if add_data_args is config.add_folder_training_data_args
+                                 else ["--data-dir", str(data_dir), "--out-dir", str(out)])
+
+    folder_train, folder_shown = train_folder.build_datasets(
+        settled(config.add_folder_training_data_args, root, tmp_path / "f"))
+    conic_train, conic_shown = gan_datasets(settled(config.add_conic_training_data_args, conic_dir, tmp_path / "c"))
+    assert len(folder_train) == len(conic_train) > 0
+    assert sorted(folder_train.names) == sorted(conic_train.names)
+    assert folder_shown.names == conic_shown.names
+    for i in range(len(folder_shown)):
+        assert torch.equal(folder_shown[i][0], conic_shown[i][0])
