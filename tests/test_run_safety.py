@@ -75,7 +75,7 @@ def test_segmenter_rerun_without_resume_is_refused(tmp_path, pannuke_folds, caps
     (["--log-every", "0"], "--log-every must be at least 1"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--beta1", "1.5"], "--beta1 and --beta2"),
+    (["--beta1", "1.5"], "--beta1 must be below 1"),
 ], ids=["batch-0", "batch-negative", "log-every-0", "lr-negative", "epochs-0", "beta1"])
 def test_impossible_options_fail_before_work(tmp_path, pannuke_folds, train_in_process, capsys, flags, needle):
     out = tmp_path / "run"
