@@ -7,11 +7,12 @@ from pathlib import Path
 import config
 from config import (STUDY_BUDGET_MINUTES, STUDY_C2ST_EPOCHS, STUDY_FRACTIONS, STUDY_GAN_WIDTH, STUDY_LAYOUTS_PER_TILE,
                     STUDY_OUT_DIR, STUDY_RARE_CLASS_WEIGHT, STUDY_RARE_SHARE, STUDY_SEEDS, STUDY_SEGMENTER_BATCH_SIZE,
-                    STUDY_SEGMENTER_SHARES, STUDY_SEGMENTER_WIDTH)
+                    STUDY_SEGMENTER_STEPS, STUDY_SEGMENTER_WIDTH)
 from utils import UserError, atomic_save_text, within
 
 # Tiny networks run fastest on one thread, above all on a CPU other processes share.
-SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, ngf=8, ndf=8, segmenter_width=8, c2st_epochs=2,
+SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, segmenter_steps=4, ngf=8, ndf=8, segmenter_width=8,
+             c2st_epochs=2,
              threads=1, out_dir="runs/study_smoke")
 FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
 # What makes two studies the same study (S/study.json); device and speed options are not among them.
@@ -19,11 +20,12 @@ FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_b
 # takes every GAN option the training scripts take (config.GAN_OPTIONS), with narrower networks by default.
 GAN_OPTIONS = tuple(option.name for option in config.GAN_OPTIONS)
 GAN_DEFAULTS = {"ngf": STUDY_GAN_WIDTH, "ndf": STUDY_GAN_WIDTH}
-STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_width",
+STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_steps",
+                 "segmenter_width",
                  "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs",
                  "reference_from")
 # What a reference stage depends on: a study may copy another's when these agree (--reference-from).
-REFERENCE_OPTIONS = ("data_dir", "seed", "test_fraction", "budget_minutes", "segmenter_width", "segmenter_batch_size")
+REFERENCE_OPTIONS = ("data_dir", "seed", "test_fraction", "segmenter_steps", "segmenter_width", "segmenter_batch_size")
 
 
 def parser(doc=""):
@@ -57,9 +59,10 @@ def parser(doc=""):
                         f"the labelled nuclei) this many times as often as the others")
     g = p.add_argument_group("budget and segmenters")
     g.add_argument("--budget-minutes", type=float, default=STUDY_BUDGET_MINUTES,
-                   help="training time per GAN; its epochs follow from the first epoch's time. Each segmenter "
-                        "trains for a fixed number of steps taking about "
-                        + ", ".join(f"{share:g} x this ({name})" for name, share in STUDY_SEGMENTER_SHARES.items()))
+                   help="training time per GAN; its epochs follow from the first epoch's time")
+    g.add_argument("--segmenter-steps", type=int, default=STUDY_SEGMENTER_STEPS,
+                   help="Adam steps of every segmenter (the reference and each augmentation run), whatever the GAN "
+                        "budget")
     g.add_argument("--segmenter-width", type=int, default=STUDY_SEGMENTER_WIDTH, help="U-Net segmenter width")
     g.add_argument("--segmenter-batch-size", type=int, default=STUDY_SEGMENTER_BATCH_SIZE, help="segmenter batch size")
     g.add_argument("--c2st-epochs", type=int, default=STUDY_C2ST_EPOCHS, help="epochs of each C2ST classifier")
@@ -88,7 +91,7 @@ def parse_args(argv, doc=""):
         raise UserError(f"--fractions are percentages of the training split, in (0, 100]; got {bad[0]:g}")
     args.fractions = sorted({float(k) for k in args.fractions})
     config.check_gan_options(args)
-    config.check_option_ranges(args, {"seeds": 1, "segmenter_width": 1,
+    config.check_option_ranges(args, {"seeds": 1, "segmenter_steps": 1, "segmenter_width": 1,
                                       "segmenter_batch_size": 1, "c2st_epochs": 1, "threads": 0},
                                positive=("budget_minutes", "layouts_per_tile", "rare_class_weight"))
     if not 0 < args.test_fraction < 1:

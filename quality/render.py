@@ -14,11 +14,22 @@ SUMMARY_NAMES = {"nuclei_dice": "nucleus Dice", "mean_dice_types": "mean Dice (t
 
 
 def pm(stat, signed=False):
-    """mean±sd of a results.mean_sd dict as text."""
+    """mean±sd of a results.mean_sd dict as text; a paired difference as mean [95% interval]."""
     if stat["mean"] is None:
         return "n/a"
     text = f"{stat['mean']:+.3f}" if signed else f"{stat['mean']:.3f}"
+    if stat.get("ci95"):
+        return text + f" [{stat['ci95'][0]:+.3f}, {stat['ci95'][1]:+.3f}]"
     return text + (f"±{stat['sd']:.3f}" if stat["sd"] is not None else "")
+
+
+def verdict(difference):
+    """Whether a paired difference's 95% interval settles its sign, in words."""
+    if not difference.get("ci95"):
+        return "too few seeds for an interval"
+    if not difference["excludes_zero"]:
+        return "no effect shown: the 95% interval includes 0"
+    return "helps: the 95% interval lies above 0" if difference["mean"] > 0 else "hurts: the 95% interval lies below 0"
 
 
 def plot_dice(path, result):
@@ -30,7 +41,7 @@ def plot_dice(path, result):
 
     fractions = [float(k) for k in result["augmentation"]]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for pool, style in zip(POOLS, ("o-", "s--")):
+    for pool, style in zip(POOLS, ("o-", "s--", "^:")):
         stats = [a["summary"]["nuclei_dice"][pool] for a in result["augmentation"].values()]
         ax.errorbar(fractions, [np.nan if s["mean"] is None else s["mean"] for s in stats],
                     yerr=[s["sd"] or 0 for s in stats], fmt=style, capsize=3, label=pool)
@@ -48,31 +59,51 @@ def plot_dice(path, result):
     atomic_save_figure(fig, path)
 
 
+LADDER = ("ladder_blur", "ladder_jpeg", "ladder_stain")
+LADDER_NAMES = {"ladder_blur": "real, blurred (σ 1)", "ladder_jpeg": "real, JPEG 30", "ladder_stain": "real, stain shift"}
+
+
 def realism_rows(result):
-    """(score, real vs synthetic, real vs real) rows of the realism table, as text."""
-    sides = [result["realism"][side] for side in ("synthetic", "real_vs_real")]
+    """(score, real vs synthetic, real vs each degraded rung of the ladder, real vs real) rows, as text."""
+    r = result["realism"]
+    sides = [r[side] for side in ("synthetic", *(rung for rung in LADDER if rung in r), "real_vs_real")]
+
+    def prdc(key):
+        return [fmt(s["prdc"] and s["prdc"][key]) for s in sides]
+
     return [["C2ST accuracy (0.5: indistinguishable)", *(fmt(s["c2st"] and s["c2st"]["accuracy"]) for s in sides)],
             ["domain Fréchet distance", *(fmt(s["domain_frechet_distance"], 4) for s in sides)],
             ["domain kernel distance", *(fmt(s["domain_kernel_distance"]["mean"], 4) for s in sides)],
-            [f"diversity ({result['realism']['diversity']['samples_per_mask']} paintings per mask, 0: identical)",
-             fmt(result["realism"]["diversity"]["mean_pairwise_feature_distance"], 4), fmt(None)]]
+            ["precision (looks real)", *prdc("precision")], ["density", *prdc("density")],
+            ["recall (covers real variety)", *prdc("recall")], ["coverage", *prdc("coverage")],
+            [f"diversity ({r['diversity']['samples_per_mask']} paintings per mask, 0: identical)",
+             fmt(r["diversity"]["mean_pairwise_feature_distance"], 4), *[fmt(None)] * (len(sides) - 1)]]
+
+
+def realism_columns(result):
+    return ["score", "real vs synthetic", *(LADDER_NAMES[rung] for rung in LADDER if rung in result["realism"]),
+            "real vs real (floor)"]
 
 
 def augmentation_section(result, folder):
     aug, ref, steps = result["augmentation"], result["reference"], result["budget"]["segmenter_steps"]
     columns = [(m, p) for m in ("nuclei_dice", "nuclei_pq", "mpq") for p in (*POOLS, "difference")]
     rows = [[f"{k}%", a["runs"]["real"][0]["tiles"], a["runs"]["real+synthetic"][0]["tiles"]]
-            + [pm(a["summary"][m][p], p == "difference") for m, p in columns] for k, a in aug.items()]
+            + [pm(a["summary"][m][p], p == "difference") for m, p in columns]
+            + [fmt(a["summary"]["nuclei_dice"]["tstr_ratio"], 2), verdict(a["summary"]["nuclei_dice"]["difference"])]
+            for k, a in aug.items()]
     per_class = [[f"{k}%", c, *(pm(s[p], p == "difference") for p in (*POOLS, "difference"))]
                  for k, a in aug.items() for c, s in a["per_class_dice"].items()]
+    sources = html.escape(", ".join(result["options"]["synthetic"]))
     return (f"<h2>1. Does adding synthetic tiles help a nucleus segmenter?</h2><p>For each labelled fraction and "
-            f"seed, one segmenter is trained for {steps['augment']} steps on the labelled real tiles, and one on "
-            f"those plus synthetic tiles (sources {html.escape(', '.join(result['options']['synthetic']))}); both "
-            f"are scored on the {result['split']['test']['tiles']} real test tiles. Mean ± sd over the seeds; the "
-            f"difference (real+synthetic - real) is paired by seed. Ceiling, from all {ref['tiles']} real training "
-            f"tiles ({steps['reference']} steps): nucleus Dice {fmt(ref['test']['dice']['Nuclei'])}, PQ "
-            f"{fmt(ref['test']['pq']['Nuclei'])}.</p>"
-            + table(["labelled", "tiles", "tiles with synthetic"] + [f"{SUMMARY_NAMES[m]} {p}" for m, p in columns], rows)
+            f"seed, one segmenter is trained for {steps['augment']} steps on the labelled real tiles, one on "
+            f"their synthetic tiles alone (TSTR), and one on the real plus the synthetic tiles (sources {sources}); "
+            f"all are scored on the {result['split']['test']['tiles']} real test tiles. Mean ± sd over the seeds; "
+            f"the difference (real+synthetic - real) is paired by seed, with its 95% t-interval in brackets. "
+            f"Ceiling, from all {ref['tiles']} real training tiles ({steps['reference']} steps): nucleus Dice "
+            f"{fmt(ref['test']['dice']['Nuclei'])}, PQ {fmt(ref['test']['pq']['Nuclei'])}.</p>"
+            + table(["labelled", "tiles", "tiles with synthetic"] + [f"{SUMMARY_NAMES[m]} {p}" for m, p in columns]
+                    + ["TSTR: Dice synthetic-only / real-only", "nucleus Dice, real+synthetic vs real"], rows)
             + f"<img alt='nucleus Dice vs labelled fraction' src='{data_uri(path=folder / 'dice_vs_fraction.png')}'>"
             + "<h3>Dice per class</h3>" + table(["labelled", "class", *POOLS, "difference"], per_class))
 
@@ -83,7 +114,8 @@ def realism_section(result):
             f"held-out test masks. Each score compares the real tiles of one half of the test masks "
             f"({r['halves'][0]} tiles) with the other half ({r['halves'][1]}), painted, or real for the floor. The "
             f"domain distances are taken in the reference segmenter's pooled encoder features; they are not "
-            f"FID/KID.</p>" + table(["score", "real vs synthetic", "real vs real (floor)"], realism_rows(result)))
+            f"FID/KID. The ladder scores real test tiles degraded in known ways, to show where the generator sits "
+            f"between real and clearly degraded.</p>" + table(realism_columns(result), realism_rows(result)))
 
 
 def fidelity_section(result, folder):
@@ -126,17 +158,17 @@ def write_report(path, result, folder):
 
 def print_table(result):
     """The study in a few lines on stdout."""
-    print(f"\n{'labelled':>8} {'tiles':>6}  {'nucleus Dice real':>17} {'real+synthetic':>15} {'difference':>15}"
-          f"  {'PQ real':>13} {'real+synthetic':>15}")
+    print(f"\n{'labelled':>8} {'tiles':>6}  {'nucleus Dice real':>17} {'real+synthetic':>15} "
+          f"{'paired difference [95%]':>26}  {'TSTR ratio':>10}")
     for k, a in result["augmentation"].items():
-        d, q = a["summary"]["nuclei_dice"], a["summary"]["nuclei_pq"]
+        d = a["summary"]["nuclei_dice"]
         print(f"{k + '%':>8} {a['runs']['real'][0]['tiles']:>6}  {pm(d['real']):>17} {pm(d['real+synthetic']):>15} "
-              f"{pm(d['difference'], True):>15}  {pm(q['real']):>13} {pm(q['real+synthetic']):>15}")
+              f"{pm(d['difference'], True):>26}  {fmt(d['tstr_ratio'], 2):>10}  {verdict(d['difference'])}")
     ref, realism = result["reference"], result["realism"]
     print(f"ceiling (all {ref['tiles']} real training tiles): nucleus Dice {fmt(ref['test']['dice']['Nuclei'])}, "
           f"PQ {fmt(ref['test']['pq']['Nuclei'])}")
     print(f"realism (GAN {realism['gan']}%, {' vs '.join(map(str, realism['halves']))} test tiles; real vs real in "
-          "brackets): " + ", ".join(f"{name} {syn} ({floor})" for name, syn, floor in realism_rows(result)))
+          "brackets): " + ", ".join(f"{name} {syn} ({floor})" for name, syn, *_, floor in realism_rows(result)))
     fidelity = realism["mask_fidelity"]
     print(f"mask fidelity: nucleus Dice {fmt(fidelity['synthetic']['dice']['Nuclei'])} on synthetic test tiles, "
           f"{fmt(ref['test']['dice']['Nuclei'])} on real (ratio {fmt(fidelity['ratio']['nuclei_dice'])})")

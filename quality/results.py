@@ -7,9 +7,9 @@ import shlex
 import numpy as np
 import torch
 
-from config import STUDY_SEGMENTER_SHARES
+import metrics
 from dataset.masks import CONIC
-from quality.stages import POOLS, augment_name
+from quality.stages import POOLS, augment_name, ratio
 
 
 def mean_sd(values):
@@ -19,10 +19,15 @@ def mean_sd(values):
 
 
 def compare(runs, value):
-    """mean and sd over seeds of value(test scores) for each pool, and of the paired (same seed) difference."""
+    """For value(test scores): mean and sd over seeds per pool; the paired (same seed) difference real+synthetic
+    - real with its sd and 95% t-interval (metrics.paired_difference); and train-on-synthetic, test-on-real as
+    the ratio of the synthetic-only mean to the real-only mean."""
     per_pool = {pool: [value(r["test"]) for r in runs[pool]] for pool in POOLS}
-    differences = [b - a for a, b in zip(*per_pool.values()) if a is not None and b is not None]
-    return {**{pool: mean_sd(v) for pool, v in per_pool.items()}, "difference": mean_sd(differences)}
+    real, mixed = per_pool["real"], per_pool["real+synthetic"]
+    differences = [b - a for a, b in zip(real, mixed) if a is not None and b is not None]
+    stats = {pool: mean_sd(v) for pool, v in per_pool.items()}
+    return {**stats, "difference": {**mean_sd(differences), **metrics.paired_difference(mixed, real)},
+            "tstr_ratio": ratio(stats["synthetic"]["mean"], stats["real"]["mean"])}
 
 
 SUMMARY = {"nuclei_dice": lambda s: s["dice"]["Nuclei"], "mean_dice_types": lambda s: s["mean_dice_types"],
@@ -48,8 +53,8 @@ def collect(study, done, argv, options):
     return {
         "command": shlex.join(["python", "study.py", *argv]), "options": options | {"seeds_used": study.seeds},
         "machine": machine(study),
-        "budget": {"gan_minutes": args.budget_minutes, "segmenter_shares": STUDY_SEGMENTER_SHARES,
-                   "segmenter_step_seconds": reference["step_seconds"], "segmenter_steps": reference["steps"]},
+        "budget": {"gan_minutes": args.budget_minutes, "segmenter_step_seconds": reference["step_seconds"],
+                   "segmenter_steps": reference["steps"]},
         "seconds": {name: marker["seconds"] for name, marker in done.items()},
         "split": done["split"], "reference": reference,
         "gan": {f"{k:g}": done[f"k{k:g}/gan"] for k in args.fractions},

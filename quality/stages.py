@@ -17,11 +17,11 @@ import torch
 
 import config
 import metrics
-from config import (STUDY_C2ST_FOLDS, STUDY_CALIBRATION_STEPS, STUDY_DIVERSITY_MASKS, STUDY_DIVERSITY_SAMPLES,
+from config import (PRDC_K, STUDY_C2ST_FOLDS, STUDY_DIVERSITY_MASKS, STUDY_DIVERSITY_SAMPLES,
                     STUDY_DIVERSITY_SEED_STEP, STUDY_GAN_SAMPLES, STUDY_GRID_ROWS, STUDY_MIN_LABELLED_TILES,
-                    STUDY_MIN_SEGMENTER_STEPS, STUDY_NUCLEI_COPIED, STUDY_PAINT_BATCH, STUDY_RARE_SHARE,
-                    STUDY_SAVE_EVERY_STEPS, STUDY_SEGMENTER_SHARES)
+                    STUDY_NUCLEI_COPIED, STUDY_PAINT_BATCH, STUDY_RARE_SHARE, STUDY_SAVE_EVERY_STEPS)
 from dataset.common import split_item
+from degradations import calibration_ladder
 from dataset.conic import (CoNIC, gan_datasets, most_nuclei_first, open_conic, patch_source, read_split_file,
                            split_by_source, write_conic_folder, write_split_file)
 from dataset.layouts import new_layouts, relabel_instances
@@ -39,7 +39,9 @@ from train_utils import run_training
 from utils import (UserError, atomic_save_png, atomic_save_text, atomic_save_torch, atomic_write, safe_torch_load,
                    seed_everything)
 
-POOLS = ("real", "real+synthetic")
+# Each fraction's segmenters: on the labelled real tiles, on those plus synthetic ones, and on the synthetic
+# ones alone (train on synthetic, test on real: TSTR).
+POOLS = ("real", "real+synthetic", "synthetic")
 
 
 def open_data(data_dir):
@@ -240,8 +242,8 @@ def predict(study, model, images):
 
 def segmentation_scores(pred, tiles):
     """Dice and IoU per class and for all nuclei (metrics.mask_scores), and panoptic quality: predicted
-    instances are the 4-connected pieces of each predicted class; PQ over all nuclei and per class, and mPQ,
-    the mean of the per-class PQs that are defined."""
+    instances are the 4-connected pieces of each predicted class; PQ pooled over all tiles for all nuclei and
+    per class, mPQ (the mean of the per-class PQs that are defined), and CoNIC's "pq" and "mpq+"."""
     cm = metrics.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(tiles.classes), CONIC.num_classes)
     pred_instances = np.stack([relabel_instances(p, (p != CONIC.background).astype(np.int32)) for p in pred])
     pq = {"Nuclei": metrics.panoptic_quality(pred_instances, tiles.instances)["pq"]}
@@ -249,24 +251,25 @@ def segmentation_scores(pred, tiles):
         pq[CONIC.class_names[c]] = metrics.panoptic_quality(np.where(pred == c, pred_instances, 0),
                                                             np.where(tiles.classes == c, tiles.instances, 0))["pq"]
     per_class = [v for name, v in pq.items() if name != "Nuclei" and v is not None]
-    return {**metrics.mask_scores(cm, CONIC), "pq": pq, "mpq": float(np.mean(per_class)) if per_class else None}
+    # CoNIC's own statistics, by their challenge names: "pq" averages each tile's binary PQ, "mpq+" pools each
+    # class over all tiles and counts a class absent on both sides as 0.
+    conic = {"pq": metrics.pq_per_image(pred_instances, tiles.instances),
+             "mpq+": metrics.mpq_plus(pred_instances, pred, tiles.instances, tiles.classes)["mpq+"]}
+    return {**metrics.mask_scores(cm, CONIC), "pq": pq, "mpq": float(np.mean(per_class)) if per_class else None,
+            "conic": conic}
 
 
 def reference_stage(study):
     """The segmenter trained on every real training tile: the ceiling, the feature space of the domain
-    distances, and the judge of mask fidelity. Its step time, measured first, turns STUDY_SEGMENTER_SHARES of
-    the budget into the fixed step counts of every segmenter in the study."""
+    distances, and the judge of mask fidelity. It and every augmentation run take --segmenter-steps steps."""
     args = study.args
     if args.reference_from:
         return copy_reference(study, Path(args.reference_from))
     train = CoNIC(args.data_dir, study.split()[0], augment=True)
-    fit_segmenter(study, train, 1, args.seed)  # warm-up: a process's first steps are slower
+    steps = {"reference": args.segmenter_steps, "augment": args.segmenter_steps}
     started = time.perf_counter()
-    fit_segmenter(study, train, STUDY_CALIBRATION_STEPS, args.seed)
-    step_seconds = (time.perf_counter() - started) / STUDY_CALIBRATION_STEPS
-    steps = {name: max(STUDY_MIN_SEGMENTER_STEPS, int(share * args.budget_minutes * 60 / step_seconds))
-             for name, share in STUDY_SEGMENTER_SHARES.items()}
     model = fit_segmenter(study, train, steps["reference"], args.seed, study.out / "reference" / "run")
+    step_seconds = (time.perf_counter() - started) / steps["reference"]
     # A train_segmenter.py-style checkpoint: segmenter.load_segmenter (and make_masks.py) read it.
     atomic_save_torch({"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "model": model.state_dict(),
                        "model_config": segmenter_config(args), "mpp": config.CONIC_MPP},
@@ -402,11 +405,11 @@ class Pool(torch.utils.data.ConcatDataset):
 
 
 def augment_stage(study, k, pool, seed, steps):
-    """A segmenter trained on the k% real tiles, alone or with the synthetic ones (--synthetic), for the same
-    `steps`; scored on the real test tiles."""
+    """A segmenter trained for the same `steps` on a POOLS pool of the k% labelled tiles: the real ones, those
+    plus the synthetic ones (--synthetic), or the synthetic ones alone; scored on the real test tiles."""
     args = study.args
-    parts = [CoNIC(args.data_dir, study.split(k)[0], augment=True)]
-    if pool == "real+synthetic":
+    parts = [] if pool == "synthetic" else [CoNIC(args.data_dir, study.split(k)[0], augment=True)]
+    if pool != "real":
         parts += [CoNIC(study.kdir(k) / f"synthetic_{source}", augment=True) for source in args.synthetic]
     model = fit_segmenter(study, Pool(parts), steps, seed, study.out / augment_name(k, pool, seed) / "run")
     return {"pool": pool, "seed": seed, "tiles": sum(map(len, parts)), "steps": steps,
@@ -426,6 +429,17 @@ def c2st(study, real, other):
 
 def ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def realism_scores(study, real, real_features, other, other_features):
+    """C2ST, the domain Fréchet and kernel distances and PRDC (precision, density: looks real; recall,
+    coverage: covers real variety) of `other` tiles against `real` ones, in the reference segmenter's features."""
+    kernel_mean, kernel_std = metrics.kernel_distance(real_features, other_features, seed=study.args.seed)
+    k = min(PRDC_K, len(real_features) - 1, len(other_features) - 1)
+    return {"c2st": c2st(study, real, other),
+            "domain_frechet_distance": metrics.frechet_distance(real_features, other_features),
+            "domain_kernel_distance": {"mean": kernel_mean, "std": kernel_std},
+            "prdc": metrics.prdc(real_features, other_features, k=k) if k >= 1 else None}
 
 
 def sample_diversity(study, checkpoint, classes, model):
@@ -455,12 +469,12 @@ def realism_stage(study, reference):
     real_features = segmenter_features(model, test.images, study.device)  # Segmenter.pooled_features, float64
     sides = {"synthetic": (fake, segmenter_features(model, fake, study.device)),
              "real_vs_real": (test.images, real_features)}
-    realism = {}
-    for name, (images, features) in sides.items():
-        kernel_mean, kernel_std = metrics.kernel_distance(real_features[half_a], features[half_b], seed=args.seed)
-        realism[name] = {"c2st": c2st(study, test.images[half_a], images[half_b]),
-                         "domain_frechet_distance": metrics.frechet_distance(real_features[half_a], features[half_b]),
-                         "domain_kernel_distance": {"mean": kernel_mean, "std": kernel_std}}
+    # The calibration ladder: real test tiles degraded in known ways, scored like the synthetic ones, show where
+    # a generator sits between "real" (the floor) and "clearly degraded".
+    for rung, tiles in calibration_ladder(test.images).items():
+        sides[f"ladder_{rung}"] = (tiles, segmenter_features(model, tiles, study.device))
+    realism = {name: realism_scores(study, test.images[half_a], real_features[half_a], images[half_b],
+                                    features[half_b]) for name, (images, features) in sides.items()}
     synthetic, real = segmentation_scores(predict(study, model, fake), test), reference["test"]
     most_nuclei = most_nuclei_first(test.classes)
     rows = [[labels_to_rgb(test.classes[i], CONIC), test.images[i], fake[i]] for i in most_nuclei[:STUDY_GRID_ROWS]]

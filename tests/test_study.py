@@ -91,6 +91,14 @@ FIELDS += [f"augmentation.{k}.summary.{m}.{pool}.{s}" for k in ("50", "100")
            for m in ("nuclei_dice", "mean_dice_types", "nuclei_pq", "mpq")
            for pool in ("real", "real+synthetic", "difference") for s in ("mean", "sd")]
 FIELDS += [f"augmentation.100.per_class_dice.Epithelial.{pool}.mean" for pool in ("real", "real+synthetic")]
+# Issue "a judge we can trust": TSTR, paired intervals, PRDC, the calibration ladder, CoNIC's PQ statistics.
+FIELDS += [f"augmentation.{k}.summary.nuclei_dice.{s}" for k in ("50", "100")
+           for s in ("synthetic.mean", "difference.ci95", "difference.n", "difference.excludes_zero", "tstr_ratio")]
+FIELDS += [f"realism.{side}.{score}" for side in ("synthetic", "real_vs_real", "ladder_blur", "ladder_jpeg",
+                                                 "ladder_stain")
+           for score in ("prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage", "c2st.accuracy",
+                         "domain_frechet_distance")]
+FIELDS += ["reference.test.conic.pq", "reference.test.conic.mpq+", "options.segmenter_steps"]
 
 
 def test_smoke_study_writes_every_field_in_time(smoke):
@@ -114,11 +122,12 @@ def test_smoke_study_writes_every_field_in_time(smoke):
                                                                                "num_batches_tracked")))
     # The pair of a seed: same seed and steps, and the synthetic pool is larger by sources a + b.
     for k, aug in m["augmentation"].items():
-        real, mixed = aug["runs"]["real"], aug["runs"]["real+synthetic"]
-        assert [r["seed"] for r in real] == [r["seed"] for r in mixed] == [42, 43]
-        assert {r["steps"] for r in real + mixed} == {m["budget"]["segmenter_steps"]["augment"]}
+        real, mixed, alone = aug["runs"]["real"], aug["runs"]["real+synthetic"], aug["runs"]["synthetic"]
+        assert [r["seed"] for r in real] == [r["seed"] for r in mixed] == [r["seed"] for r in alone] == [42, 43]
+        assert {r["steps"] for r in real + mixed + alone} == {options.SMOKE["segmenter_steps"]}
         synthetic = m["synthetic"][k]["a"]["tiles"] + m["synthetic"][k]["b"]["tiles"]
         assert all(b["tiles"] == a["tiles"] + synthetic for a, b in zip(real, mixed))
+        assert all(s["tiles"] == synthetic for s in alone)
         difference = aug["summary"]["nuclei_dice"]["difference"]["mean"]
         means = [aug["summary"]["nuclei_dice"][p]["mean"] for p in ("real", "real+synthetic")]
         assert difference == pytest.approx(means[1] - means[0])
@@ -193,7 +202,7 @@ def test_rerun_skips_finished_stages(smoke, tiny_conic, run_script, tmp_path):
     out = tmp_path / "S"
     shutil.copytree(smoke.out, out)
     before = marker_times(out)
-    assert len(before) == 17
+    assert len(before) == 21  # split, reference, 2 x (gan, 2 synthetic), 2 x 2 seeds x 3 pools, realism
     for late in ("realism/done.json", "k100/augment/real_synthetic_s43/done.json"):
         (out / late).unlink()
     time.sleep(0.05)
@@ -203,7 +212,7 @@ def test_rerun_skips_finished_stages(smoke, tiny_conic, run_script, tmp_path):
     assert after.keys() == before.keys()
     rerun = {name for name in before if after[name] != before[name]}
     assert rerun == {"realism/done.json", "k100/augment/real_synthetic_s43/done.json"}
-    assert result.stdout.count("done already, skipped") == 15
+    assert result.stdout.count("done already, skipped") == 19
     assert "[realism] running" in result.stdout and "[k100/augment/real_synthetic_s43] running" in result.stdout
     redone = json.loads((out / "metrics.json").read_text())
     assert redone["seconds"]["k50/gan"] == smoke.metrics["seconds"]["k50/gan"]
@@ -269,6 +278,15 @@ def test_a_stopped_segmenter_run_resumes_as_if_uninterrupted(tiny_conic, tmp_pat
     resumed = fit(StopAtStep(10 ** 6), run_dir)
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()))
     assert not (run_dir / "checkpoints" / "last.pt").exists()  # removed once the run is done
+
+
+def test_segmenter_steps_do_not_depend_on_the_gan_budget(tiny_conic, tmp_path):
+    from quality.options import parse_args
+    base = [str(a) for a in smoke_argv(tiny_conic, tmp_path / "S")]
+    steps = {parse_args(base + ["--budget-minutes", str(b)]).segmenter_steps for b in (0.05, 4, 30)}
+    assert steps == {options.SMOKE["segmenter_steps"]}
+    assert parse_args(base + ["--segmenter-steps", "7"]).segmenter_steps == 7
+    assert "budget_minutes" not in options.REFERENCE_OPTIONS and "segmenter_steps" in options.REFERENCE_OPTIONS
 
 
 def test_help_lists_the_options_and_presets(capsys):
@@ -448,7 +466,7 @@ def test_reference_from_copies_the_judge_and_the_step_counts(smoke, spade_smoke)
     assert steps == {smoke.metrics["budget"]["segmenter_steps"]["augment"]}
 
 
-@pytest.mark.parametrize("extra,message", [(("--budget-minutes", "0.1"), "budget_minutes 0.05 there, 0.1 here"),
+@pytest.mark.parametrize("extra,message", [(("--segmenter-steps", "5"), "segmenter_steps 4 there, 5 here"),
                                            (("--seed", "7"), "seed 42 there, 7 here")])
 def test_reference_from_refuses_another_setup(extra, message, smoke, tiny_conic, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
