@@ -21,7 +21,7 @@ FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_b
 GAN_OPTIONS = tuple(option.name for option in config.GAN_OPTIONS)
 GAN_DEFAULTS = {"ngf": STUDY_GAN_WIDTH, "ndf": STUDY_GAN_WIDTH}
 STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_steps",
-                 "segmenter_width",
+                 "learning_curve", "segmenter_width",
                  "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs",
                  "reference_from")
 # What a reference stage depends on: a study may copy another's when these agree (--reference-from).
@@ -63,6 +63,10 @@ def parser(doc=""):
     g.add_argument("--segmenter-steps", type=int, default=STUDY_SEGMENTER_STEPS,
                    help="Adam steps of every segmenter (the reference and each augmentation run), whatever the GAN "
                         "budget")
+    g.add_argument("--learning-curve", type=int, nargs="+", default=None, metavar="STEPS",
+                   help="also train the real-only segmenter on all real training tiles for each of these step "
+                        "counts (every seed) and report its test Dice against steps: the curve --segmenter-steps "
+                        "is chosen from")
     g.add_argument("--segmenter-width", type=int, default=STUDY_SEGMENTER_WIDTH, help="U-Net segmenter width")
     g.add_argument("--segmenter-batch-size", type=int, default=STUDY_SEGMENTER_BATCH_SIZE, help="segmenter batch size")
     g.add_argument("--c2st-epochs", type=int, default=STUDY_C2ST_EPOCHS, help="epochs of each C2ST classifier")

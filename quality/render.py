@@ -143,13 +143,24 @@ def training_section(result):
             + table(["stage", "seconds"], [[name, f"{s:.1f}"] for name, s in result["seconds"].items()]))
 
 
+def curve_section(result):
+    curve = result["learning_curve"]
+    if curve is None:
+        return ""
+    rows = [[steps, pm(stat)] for steps, stat in curve["nuclei_dice"].items()]
+    return (f"<h2>Segmenter learning curve</h2><p>The real-only segmenter on all real training tiles, scored on "
+            f"the real test tiles (mean ± sd over the seeds). Flattened (within the longest run's seed spread) "
+            f"at {curve['flattened_at'] or 'n/a'} steps; this study used {result['options']['segmenter_steps']}."
+            f"</p>" + table(["steps", "nucleus Dice"], rows))
+
+
 def write_report(path, result, folder):
     m = result["machine"]
     head = (f"<h1>Synthetic H&amp;E study</h1><p><code>{html.escape(result['command'])}</code></p><p>"
             + html.escape(f"{m['platform']}, {m['cpus_usable']} CPU(s), torch {m['torch']}, {m['device']} "
                           f"({m['precision']}); {result['budget']['gan_minutes']:g} min per GAN") + ".</p>")
     body = head + augmentation_section(result, folder) + realism_section(result) + fidelity_section(result, folder) \
-        + training_section(result)
+        + training_section(result) + curve_section(result)
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}")
     atomic_save_text(path, f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>study</title><style>{style}"
@@ -174,6 +185,11 @@ def print_table(result):
           f"{fmt(ref['test']['dice']['Nuclei'])} on real (ratio {fmt(fidelity['ratio']['nuclei_dice'])})")
     print(f"diversity: {fmt(realism['diversity']['mean_pairwise_feature_distance'])} (mean feature distance between "
           f"{realism['diversity']['samples_per_mask']} paintings of a mask)")
+    if result["learning_curve"] is not None:
+        curve = result["learning_curve"]
+        print("segmenter learning curve (nucleus Dice, real-only, all training tiles): "
+              + ", ".join(f"{steps} steps {pm(stat)}" for steps, stat in curve["nuclei_dice"].items())
+              + f"; flattened at {curve['flattened_at']} steps")
     gan = result["gan"][realism["gan"]]
     print(f"GAN {realism['gan']}%: {gan['steps']} steps, {gan['parameters']['generator'] / 1e6:.2f}M + "
           f"{gan['parameters']['discriminator'] / 1e6:.2f}M parameters (G + D), painting "

@@ -121,6 +121,10 @@ def run_stage(out, name, work):
     return result
 
 
+def curve_name(steps, seed):
+    return f"curve/steps{steps}_s{seed}"
+
+
 def augment_name(k, pool, seed):
     return f"k{k:g}/augment/{pool.replace('+', '_')}_s{seed}"
 
@@ -135,6 +139,8 @@ def run_stages(study):
 
     stage("split", lambda: split_stage(study))
     reference = stage("reference", lambda: reference_stage(study))
+    for steps, seed in itertools.product(args.learning_curve or (), study.seeds):
+        stage(curve_name(steps, seed), lambda: curve_stage(study, steps, seed))
     for k in args.fractions:
         stage(f"k{k:g}/gan", lambda: gan_stage(study, k))
         for source in "ab":
@@ -276,6 +282,15 @@ def reference_stage(study):
                       study.out / "reference" / "segmenter.pt")
     return {"tiles": len(train), "step_seconds": step_seconds, "steps": steps,
             "test": segmentation_scores(predict(study, model, study.test.images), study.test)}
+
+
+def curve_stage(study, steps, seed):
+    """One point of the segmenter's learning curve (--learning-curve): the real-only segmenter on all real
+    training tiles after `steps` steps, scored on the real test tiles; the curve chooses --segmenter-steps."""
+    train = CoNIC(study.args.data_dir, study.split()[0], augment=True)
+    model = fit_segmenter(study, train, steps, seed, study.out / curve_name(steps, seed) / "run")
+    return {"steps": steps, "seed": seed, "test": segmentation_scores(predict(study, model, study.test.images),
+                                                                      study.test)}
 
 
 def copy_reference(study, source):

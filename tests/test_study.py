@@ -46,7 +46,8 @@ def smoke_argv(data_dir, out_dir, *extra):
 
 
 # Rare classes oversampled; GAN options that must reach the GAN's run (the original pix2pix, not the default).
-SMOKE_EXTRA = ("--rare-class-weight", "4", "--upsample", "transpose", "--discriminator", "patch", "--l1-lambda", "50")
+SMOKE_EXTRA = ("--rare-class-weight", "4", "--upsample", "transpose", "--discriminator", "patch", "--l1-lambda", "50",
+               "--learning-curve", "2", "4")
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,8 @@ FIELDS += [f"realism.{side}.{score}" for side in ("synthetic", "real_vs_real", "
                                                  "ladder_stain")
            for score in ("prdc.precision", "prdc.recall", "prdc.density", "prdc.coverage", "c2st.accuracy",
                          "domain_frechet_distance")]
-FIELDS += ["reference.test.conic.pq", "reference.test.conic.mpq+", "options.segmenter_steps"]
+FIELDS += ["reference.test.conic.pq", "reference.test.conic.mpq+", "options.segmenter_steps",
+           "learning_curve.nuclei_dice.2.mean", "learning_curve.nuclei_dice.4.sd"]
 
 
 def test_smoke_study_writes_every_field_in_time(smoke):
@@ -202,7 +204,7 @@ def test_rerun_skips_finished_stages(smoke, tiny_conic, run_script, tmp_path):
     out = tmp_path / "S"
     shutil.copytree(smoke.out, out)
     before = marker_times(out)
-    assert len(before) == 21  # split, reference, 2 x (gan, 2 synthetic), 2 x 2 seeds x 3 pools, realism
+    assert len(before) == 25  # split, reference, 2 x 2 curve points, 2 x (gan, 2 synthetic), 2 x 2 x 3 pools, realism
     for late in ("realism/done.json", "k100/augment/real_synthetic_s43/done.json"):
         (out / late).unlink()
     time.sleep(0.05)
@@ -212,7 +214,7 @@ def test_rerun_skips_finished_stages(smoke, tiny_conic, run_script, tmp_path):
     assert after.keys() == before.keys()
     rerun = {name for name in before if after[name] != before[name]}
     assert rerun == {"realism/done.json", "k100/augment/real_synthetic_s43/done.json"}
-    assert result.stdout.count("done already, skipped") == 19
+    assert result.stdout.count("done already, skipped") == 23
     assert "[realism] running" in result.stdout and "[k100/augment/real_synthetic_s43] running" in result.stdout
     redone = json.loads((out / "metrics.json").read_text())
     assert redone["seconds"]["k50/gan"] == smoke.metrics["seconds"]["k50/gan"]
