@@ -567,6 +567,10 @@ def settle_config(parser, argv=None, read_checkpoint=None, run_options=RUN_OPTIO
 def check_option_ranges(cfg, at_least=None, positive=()):
     """One line for the first option out of range: `at_least` maps option names to
     their lowest value; `positive` names options that must be above 0."""
+    for name in (*(at_least or {}), *positive):
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     for name, low in (at_least or {}).items():
         if getattr(cfg, name) < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(cfg, name)}")

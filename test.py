@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import CONIC_TEST_FRACTION, FOLDER_TEST_FRACTION, SEED, test_parser
+from config import CONIC_TEST_FRACTION, FOLDER_TEST_FRACTION, SEED, check_option_ranges, test_parser
 from dataset.conic import build_conic, write_repainted_folder
 from dataset.folder import FolderTiles, open_folder, split_folder, write_classes
 from dataset.masks import get_label_set
@@ -374,6 +374,7 @@ WRITERS = {"pannuke": generate_pannuke, "unitopatho": generate_unitopatho, "coni
 @run_main
 def main(argv=None):
     args = test_parser().parse_args(argv)
+    check_option_ranges(args, {"batch_size": 1, "grids": 0, "samples_per_mask": 1, "tile_overlap": 0, "seed": 0})
     with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
         checkpoint = args.checkpoint
         if checkpoint.startswith("wandb:"):

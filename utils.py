@@ -32,7 +32,8 @@ def _user_message(exc):
 
 
 def run_main(main):
-    """Run `main()` turning UserError into a single `error: ...` line and exit code 2."""
+    """Run `main()` turning UserError into a single `error: ...` line and exit code 2, and Ctrl-C into
+    `interrupted` and exit code 130, without a traceback."""
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
@@ -46,6 +47,10 @@ def run_main(main):
                 print(f"error: {_user_message(exc)}", file=sys.stderr, flush=True)
                 sys.exit(2)
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C where no loop saves first (a training loop's first Ctrl-C saves and exits 143).
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
     return wrapper
 
 

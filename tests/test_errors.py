@@ -83,6 +83,11 @@ def build_cases(tmp, w, folds, ckpt):
 
     missing_ckpt = tmp / "missing.pt"
     cases["missing-checkpoint-test.py"] = ("test.py", _generate(missing_ckpt, folds, out), [str(missing_ckpt)], True)
+    cases["negative-batch-test.py"] = ("test.py", _generate(ckpt, folds, out, "--batch-size", "-1"),
+                                       ["--batch-size must be at least 1"], True)
+    segmenter = ["--data-dir", folds, "--out-dir", out, "--train-folds", "1", "--test-folds", "1", "--epochs", "1",
+                 "--workers", "0", "--device", "cpu", "--wandb", "disabled", "--lr", "inf"]
+    cases["infinite-lr-train_segmenter.py"] = ("train_segmenter.py", segmenter, ["--lr must be a finite number"], True)
 
     if not CUDA:
         cases["cuda-without-gpu"] = ("train_pannuke.py", _tiny(folds, out, "--device", "cuda"), ["cuda"], True)
@@ -103,7 +108,8 @@ def build_cases(tmp, w, folds, ckpt):
 CASE_IDS = ["missing-data-dir", "fold-without-masks", "images-wrong-shape", "masks-wrong-channels",
             "types-wrong-length", "tissue-matches-nothing", "truncated-checkpoint", "truncated-checkpoint-test.py",
             "npy-as-checkpoint", "foreign-checkpoint", "foreign-checkpoint-test.py", "other-architecture",
-            "weights-do-not-fit-test.py", "missing-checkpoint-test.py",
+            "weights-do-not-fit-test.py", "missing-checkpoint-test.py", "negative-batch-test.py",
+            "infinite-lr-train_segmenter.py",
             "cuda-without-gpu", "truncated-png-workers0", "truncated-png-workers1"]
 
 

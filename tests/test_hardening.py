@@ -467,3 +467,16 @@ def test_wandb_reachability_check_on_loopback(loopback_only):
         assert utils.wandb_reachable("127.0.0.1", port, timeout=1)
     assert not utils.wandb_reachable("127.0.0.1", port, timeout=1)  # closed: refused at once
     assert not utils.wandb_reachable("", 443)
+
+
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130(capsys):
+    from utils import run_main
+
+    @run_main
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        interrupted()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "interrupted\n"
