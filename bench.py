@@ -44,13 +44,15 @@ import gan
 import runtime as rt
 import train_utils as tu
 from augment import DiscriminatorAugment
-from config import CROPS_PER_IMAGE, add_gan_args, check_gan_options
-from dataset.masks import PALETTE, PANNUKE
+from config import (CROPS_PER_IMAGE, STUDY_SEGMENTER_BATCH_SIZE, STUDY_SEGMENTER_WIDTH, add_gan_args,
+                    check_gan_options)
+from dataset.masks import CONIC, PALETTE, PANNUKE
 from dataset.pannuke import PanNukeFolds
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs
 from demo import write_demo_folds
 from losses import LOSSES
+from segmenter import build_segmenter, train_step
 from tiling import generate_tiled, generate_whole
 from utils import run_main
 
@@ -386,6 +388,32 @@ def measure_training(args, device, precision, batches, warmup):
     return figures, default
 
 
+def measure_segmenter(args, device, precision, layout):
+    """Steps/s and GFLOP/s of the quality study's segmenter step (segmenter.train_step at the study's width and
+    batch on 128-px CoNIC-sized tiles) in fp32 and in the default precision: a study's time is mostly these."""
+    width, batch = (8, 2) if args.smoke else (STUDY_SEGMENTER_WIDTH, STUDY_SEGMENTER_BATCH_SIZE)
+    labels = torch.randint(0, CONIC.num_classes, (batch, 128, 128), dtype=torch.uint8)
+    image = torch.randint(0, 256, (batch, 3, 128, 128), dtype=torch.uint8)
+    figures = {"segmenter_width": width, "segmenter_batch": batch}
+    for name in dict.fromkeys(("fp32", precision)):
+        torch.manual_seed(0)
+        model = build_segmenter({"encoder": "unet", "width": width, "label_set": CONIC.name})
+        model = model.to(device, memory_format=torch.channels_last if layout else torch.contiguous_format)
+        opt = rt.make_optimizer(model.parameters(), 1e-3, (0.9, 0.999), device)
+        scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+        autocast = rt.autocast_context(device, name)
+
+        def step():
+            train_step(model, opt, scaler, labels, image, device, layout, autocast)
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        seconds = median_seconds(step, device, args.repeats, inner=max(1, args.steps // args.repeats))
+        figures[f"segmenter_{name}_steps_s"] = 1 / seconds
+        figures[f"segmenter_{name}_gflops"] = counter.get_total_flops() / seconds / 1e9
+    return figures
+
+
 def measure_generation(generator, labels, device, autocast, repeats):
     """Megapixels/s generating one class map with tiling.py: whole (reflect-padded to
     a multiple of 256, one forward) and in overlapping 256-px tiles, batched by 8."""
@@ -447,6 +475,7 @@ def bench(args):
         results.update(measure_generation(rt.unwrap(default.gen), tile_to(labels, args.gen_size), device,
                                           default.step_cfg.autocast, args.repeats))
         results.update(measure_loaders(args, dataset, labels, workers, device, tmp))
+    results.update(measure_segmenter(args, device, precision, rt.resolve_channels_last(None, device)))
     # Each training image is one 256-px crop: above 1.0 the loader keeps up with training.
     for name, rate in (("pannuke", "loader_pannuke_img_s"), ("utp", "loader_utp_crops_s"),
                        ("utp_cached", "loader_utp_cached_crops_s")):
@@ -479,6 +508,9 @@ def print_table(r):
           f"bf16 {r['matmul_peak_bf16_gflops']:.4g} GFLOP/s)")
     print(f"generation of {r['gen_image_px']} x {r['gen_image_px']} px: whole image {r['gen_whole_mpx_s']:.3g} MP/s, "
           f"256-px tiles (overlap 64) {r['gen_tiled_mpx_s']:.3g} MP/s")
+    print(f"study segmenter step (width {r['segmenter_width']}, batch {r['segmenter_batch']}, 128 px): "
+          + ", ".join(f"{p} {r[f'segmenter_{p}_steps_s']:.3g} steps/s ({r[f'segmenter_{p}_gflops']:.4g} GFLOP/s)"
+                      for p in dict.fromkeys(("fp32", r["precision"]))))
     print(f"loaders ({r['loader_workers']} workers), in training images (crops) per second and as a multiple of "
           f"the default training rate (>= 1 keeps up):")
     print(f"  {'PanNuke':<38}{r['loader_pannuke_img_s']:>8.4g} img/s    ({r['loader_pannuke_vs_train']:.1f}x)")

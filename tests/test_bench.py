@@ -17,7 +17,7 @@ FIELDS = ("train_baseline_img_s", "train_default_img_s", "train_speedup_vs_fp32_
           "train_baseline_gflops", "train_gflop_per_img", "train_default_peak_fraction", "matmul_peak_fp32_gflops",
           "matmul_peak_bf16_gflops", "gen_whole_mpx_s", "gen_tiled_mpx_s", "loader_pannuke_img_s",
           "loader_utp_img_s", "loader_utp_cached_crops_s", "loader_pannuke_vs_train", "loader_utp_vs_train",
-          "loader_utp_cached_vs_train")
+          "loader_utp_cached_vs_train", "segmenter_fp32_steps_s", "segmenter_fp32_gflops")
 
 
 def test_smoke_run_prints_every_figure(run_script, tmp_path):
@@ -32,6 +32,8 @@ def test_smoke_run_prints_every_figure(run_script, tmp_path):
     figures = json.loads(out.read_text())
     assert all(figures[key] > 0 for key in FIELDS)
     assert figures["ngf"] == 8
+    assert figures["networks"] == "unet (resize) + multiscale"  # today's default networks, named
+    assert f"segmenter_{figures['precision']}_steps_s" in figures
     # The ratios are the printed rates over the default training rate of the same run.
     assert figures["loader_utp_cached_vs_train"] == figures["loader_utp_cached_crops_s"] / figures["train_default_img_s"]
 
