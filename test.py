@@ -35,6 +35,7 @@ import argparse
 import hashlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -245,24 +246,47 @@ def open_inputs(args, ckpt):
     return inputs
 
 
-def generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, out_dir):
+@dataclass
+class Painter:
+    """The generator a checkpoint describes, where it paints, and this process's share of the work."""
+    generator: torch.nn.Module
+    ckpt: dict
+    device: torch.device
+    autocast: object
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def label_set(self):
+        return get_label_set(self.ckpt["model_config"]["label_set"])
+
+    @property
+    def multiple(self):
+        """The side every painted size is padded to a multiple of."""
+        return 2 ** self.ckpt["model_config"]["unet_depth"]
+
+    def share(self, count):
+        """This process's indices of `count` items."""
+        return list(range(self.rank, count, self.world_size))
+
+
+def generate_patches(args, painter, dataset, out_dir):
     """One PNG per patch, OUT/<patch name>.png (PanNuke and CoNIC test patches)."""
-    labels_set = get_label_set(ckpt["model_config"]["label_set"])
-    multiple = 2 ** ckpt["model_config"]["unet_depth"]
+    labels_set, multiple = painter.label_set, painter.multiple
     if len(dataset) and dataset[0][0].shape[-1] % multiple:
         raise UserError(f"patches of {dataset[0][0].shape[-1]} px do not fit checkpoint {args.checkpoint}, whose "
                         f"U-Net needs multiples of {multiple} px")
     grids_dir = grids_folder(args)
     outputs = [inside(out_dir, out_dir / f"{name}.png") for name in dataset.names]
-    mine = list(range(rank, len(dataset), world_size))
+    mine = painter.share(len(dataset))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
-    grids_left = args.grids if rank == 0 else 0
-    bar = tqdm(total=len(todo), desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0)
+    grids_left = args.grids if painter.rank == 0 else 0
+    bar = tqdm(total=len(todo), desc=f"generating ({len(mine) - len(todo)} already done)", disable=painter.rank != 0)
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         labels, images = map(torch.stack, zip(*(dataset[i] for i in batch)))
-        mask, real = prepare_batch(labels, images, device, args.channels_last, labels_set.num_classes)
-        fake = generate_images(generator, mask, autocast, args.norm_mode, [args.seed + i for i in batch])
+        mask, real = prepare_batch(labels, images, painter.device, args.channels_last, labels_set.num_classes)
+        fake = generate_images(painter.generator, mask, painter.autocast, args.norm_mode, [args.seed + i for i in batch])
         for i, f in zip(batch, fake):
             atomic_save_png(to_uint8_image(f), outputs[i])
         if grids_left > 0:
@@ -274,52 +298,51 @@ def generate_patches(args, generator, ckpt, device, autocast, rank, world_size, 
     return len(dataset)
 
 
-def generate_pannuke(args, generator, ckpt, device, autocast, rank, world_size, dataset):
-    return generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, Path(args.out_dir))
+def generate_pannuke(args, painter, dataset):
+    return generate_patches(args, painter, dataset, Path(args.out_dir))
 
 
-def generate_conic(args, generator, ckpt, device, autocast, rank, world_size, dataset):
+def generate_conic(args, painter, dataset):
     """A drop-in CoNIC folder: OUT/images.npy holds the synthetic patches, beside copies
     of the split's labels.npy rows, patch_info.csv and counts.csv. Patches are written
     as PNGs to --tiles-dir (OUT.tiles/) first, so an interrupted run resumes; rank 0 assembles."""
     tiles = tiles_folder(args)
-    count = generate_patches(args, generator, ckpt, device, autocast, rank, world_size, dataset, tiles)
+    count = generate_patches(args, painter, dataset, tiles)
     barrier()
-    if rank == 0:
+    if painter.rank == 0:
         write_repainted_folder(dataset, [tiles / f"{name}.png" for name in dataset.names], Path(args.out_dir))
     return count
 
 
-def paint_at_native_size(args, generator, autocast, labels, device, seed, multiple, num_classes):
+def paint_at_native_size(args, painter, labels, seed):
     """One class map painted at its own size: padded whole, or in overlapping tiles with --tile;
     train-mode dropout and noise seeded from `seed`."""
     def forward(mask, seeds):
-        return generate_images(generator, mask, autocast, args.norm_mode, seeds, [seed] * len(seeds))
+        return generate_images(painter.generator, mask, painter.autocast, args.norm_mode, seeds, [seed] * len(seeds))
 
+    num_classes = painter.label_set.num_classes
     if args.tile:
-        return generate_tiled(forward, labels, device, args.tile_overlap, args.batch_size, seed, args.channels_last,
-                              tile=multiple, num_classes=num_classes)
-    return generate_whole(forward, labels, device, seed, args.channels_last, multiple, num_classes)
+        return generate_tiled(forward, labels, painter.device, args.tile_overlap, args.batch_size, seed,
+                              args.channels_last, tile=painter.multiple, num_classes=num_classes)
+    return generate_whole(forward, labels, painter.device, seed, args.channels_last, painter.multiple, num_classes)
 
 
-def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_size, pairs=None):
+def generate_unitopatho(args, painter, pairs=None):
     """Every image of --split at native size from its mask, in the split's own layout."""
-    pairs = open_inputs(args, ckpt) if pairs is None else pairs
+    pairs = open_inputs(args, painter.ckpt) if pairs is None else pairs
     split = pairs.dataset
-    model_cfg = ckpt["model_config"]
-    multiple, classes = 2 ** model_cfg["unet_depth"], get_label_set(model_cfg["label_set"]).num_classes
     out_dir, grids_dir = Path(args.out_dir), grids_folder(args)
     outputs = [inside(out_dir, out_dir / label / name) for label, name in zip(split.rows["top_label_name"], split.names)]
-    if rank == 0:
+    if painter.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(split.data_dir / f"{args.split}.csv", out_dir / f"{args.split}.csv")
-    mine = list(range(rank, len(split), world_size))
+    mine = painter.share(len(split))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
-    grids_left = args.grids if rank == 0 else 0
-    for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0):
+    grids_left = args.grids if painter.rank == 0 else 0
+    for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=painter.rank != 0):
         labels = read_mask(pairs.mask_paths[i], split.paths[i])
-        fake = paint_at_native_size(args, generator, autocast, labels, device, args.seed + i, multiple, classes)
+        fake = paint_at_native_size(args, painter, labels, args.seed + i)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             # mask | real | fake at the centre crop: a quick visual check beside the drop-in tree.
@@ -332,22 +355,21 @@ def generate_unitopatho(args, generator, ckpt, device, autocast, rank, world_siz
     return len(split)
 
 
-def generate_folder(args, generator, ckpt, device, autocast, rank, world_size, tiles):
+def generate_folder(args, painter, tiles):
     """A folder dataset: OUT/images/NAME.png painted from each mask at its own size (whole,
     or --tile), beside OUT/masks/NAME.png and OUT/instances/ (copies of the inputs) and
     the checkpoint's classes as OUT/classes.json. A mask is copied before its image is
     written, so an image on disk means its tile is complete."""
-    model_cfg = ckpt["model_config"]
-    multiple, classes = 2 ** model_cfg["unet_depth"], tiles.label_set
+    classes = tiles.label_set
     out_dir, grids_dir = Path(args.out_dir), grids_folder(args)
     outputs = [inside(out_dir, out_dir / "images" / f"{name}.png") for name in tiles.names]
-    if rank == 0:
+    if painter.rank == 0:
         write_classes(out_dir / "classes.json", classes)
-    mine = list(range(rank, len(tiles), world_size))
+    mine = painter.share(len(tiles))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
-    grids_left = args.grids if rank == 0 else 0
-    for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=rank != 0):
+    grids_left = args.grids if painter.rank == 0 else 0
+    for i in tqdm(todo, desc=f"generating ({len(mine) - len(todo)} already done)", disable=painter.rank != 0):
         labels = tiles.classes(i)
         copies = [(tiles.mask_path(i), out_dir / "masks" / f"{tiles.names[i]}.png")]
         if tiles.instance_path(i) is not None:
@@ -355,8 +377,7 @@ def generate_folder(args, generator, ckpt, device, autocast, rank, world_size, t
         for source, target in copies:
             inside(out_dir, target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        fake = paint_at_native_size(args, generator, autocast, labels, device, args.seed + i, multiple,
-                                    classes.num_classes)
+        fake = paint_at_native_size(args, painter, labels, args.seed + i)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
             real = None if args.masks_only else \
@@ -389,9 +410,9 @@ def main(argv=None):
         if args.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
         autocast = autocast_context(device, resolve_precision(args.precision, device))
+        painter = Painter(generator, ckpt, device, autocast, info.rank, info.world_size)
         for tree_args in sample_trees(args):
-            count = WRITERS[args.dataset](tree_args, generator, ckpt, device, autocast, info.rank, info.world_size,
-                                          inputs)
+            count = WRITERS[args.dataset](tree_args, painter, inputs)
         barrier()
         if info.is_main:
             if args.overwrite:

@@ -327,7 +327,8 @@ def test_generation_shards_across_ranks(utp, trained, tmp_path):
         str(data_dir), "--masks-dir", str(masks_dir), "--out-dir", str(tmp_path / "out"), "--grids", "0"])
     cpu = torch.device("cpu")
     generator, ckpt = load_generator(args.checkpoint, cpu)
-    count = script.generate_unitopatho(args, generator, ckpt, cpu, autocast_context(cpu, "fp32"), rank=1, world_size=2)
+    count = script.generate_unitopatho(args, script.Painter(generator, ckpt, cpu, autocast_context(cpu, "fp32"),
+                                                            rank=1, world_size=2))
     split = UniToPatho(data_dir, "test")
     written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").glob("*/*.png"))
     # The count is the split's; this rank wrote its share, rows 1, 3, 5.
