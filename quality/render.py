@@ -149,9 +149,15 @@ def curve_section(result):
         return ""
     rows = [[steps, pm(stat)] for steps, stat in curve["nuclei_dice"].items()]
     return (f"<h2>Segmenter learning curve</h2><p>The real-only segmenter on all real training tiles, scored on "
-            f"the real test tiles (mean ± sd over the seeds). Flattened (within the longest run's seed spread) "
-            f"at {curve['flattened_at'] or 'n/a'} steps; this study used {result['options']['segmenter_steps']}."
-            f"</p>" + table(["steps", "nucleus Dice"], rows))
+            f"the real test tiles (mean ± sd over the seeds). {flattening(curve)}; this study used "
+            f"{result['options']['segmenter_steps']} steps.</p>" + table(["steps", "nucleus Dice"], rows))
+
+
+def flattening(curve):
+    longest = list(curve["nuclei_dice"])[-1]
+    if curve["flattened_at"] is None:
+        return f"Not flattened by {longest} steps: no shorter run is within the longest run's seed spread"
+    return f"Flattened at {curve['flattened_at']} steps (within the seed spread of {longest} steps)"
 
 
 def write_report(path, result, folder):
@@ -189,7 +195,7 @@ def print_table(result):
         curve = result["learning_curve"]
         print("segmenter learning curve (nucleus Dice, real-only, all training tiles): "
               + ", ".join(f"{steps} steps {pm(stat)}" for steps, stat in curve["nuclei_dice"].items())
-              + f"; flattened at {curve['flattened_at']} steps")
+              + f"; {flattening(curve)[0].lower()}{flattening(curve)[1:]}")
     gan = result["gan"][realism["gan"]]
     print(f"GAN {realism['gan']}%: {gan['steps']} steps, {gan['parameters']['generator'] / 1e6:.2f}M + "
           f"{gan['parameters']['discriminator'] / 1e6:.2f}M parameters (G + D), painting "

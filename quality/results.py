@@ -69,14 +69,14 @@ def collect(study, done, argv, options):
 
 def learning_curve(study, done):
     """--learning-curve: nucleus Dice of the real-only segmenter per step count (mean and sd over seeds), and
-    the smallest count whose mean is within the largest count's seed spread (sd) of its mean: where the curve
-    has flattened. None without the option."""
+    the smallest count below the largest whose mean is within the largest count's seed spread (sd) of its mean:
+    where the curve has flattened (None when no smaller count is, or without the option)."""
     counts = sorted(study.args.learning_curve or ())
     if not counts:
         return None
     points = {steps: mean_sd([done[curve_name(steps, seed)]["test"]["dice"]["Nuclei"] for seed in study.seeds])
               for steps in counts}
     last = points[counts[-1]]
-    flat = next((s for s in counts if last["sd"] is not None and points[s]["mean"] is not None
+    flat = next((s for s in counts[:-1] if last["sd"] is not None and points[s]["mean"] is not None
                  and abs(points[s]["mean"] - last["mean"]) <= last["sd"]), None)
     return {"nuclei_dice": {str(s): p for s, p in points.items()}, "flattened_at": flat}

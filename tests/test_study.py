@@ -543,3 +543,19 @@ def test_pix2pix_scores_zero_diversity(smoke, tiny_conic, tmp_path):
     classes = np.stack([data.classes(i) for i in range(4)])
     vivid = vivid_checkpoint(smoke.out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "unet.pt")
     assert stages.sample_diversity(s, vivid, classes, reference)["mean_pairwise_feature_distance"] == 0
+
+
+def test_learning_curve_reports_where_it_flattens():
+    from quality.results import learning_curve
+    from quality.stages import curve_name
+
+    def study_with(dice):
+        done = {curve_name(steps, seed): {"test": {"dice": {"Nuclei": value}}}
+                for steps, values in dice.items() for seed, value in zip((1, 2), values)}
+        return SimpleNamespace(args=SimpleNamespace(learning_curve=list(dice)), seeds=[1, 2]), done
+
+    # 2000 steps: mean 0.80, sd 0.0283; 1000 steps is within it, 250 is not.
+    curve = learning_curve(*study_with({250: (0.60, 0.62), 1000: (0.78, 0.80), 2000: (0.78, 0.82)}))
+    assert curve["flattened_at"] == 1000 and curve["nuclei_dice"]["2000"]["mean"] == pytest.approx(0.80)
+    # Still rising: no shorter run is within the longest one's spread.
+    assert learning_curve(*study_with({250: (0.60, 0.62), 2000: (0.77, 0.78)}))["flattened_at"] is None
