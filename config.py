@@ -357,8 +357,8 @@ def add_device_args(p):
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto picks CUDA when available (cuda:LOCAL_RANK under torchrun), else CPU")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="mixed precision: auto = bf16 on GPUs that support it and on CPUs with native bf16 "
-                        "(AVX512-BF16/AMX), fp16 with gradient scaling on older GPUs, fp32 otherwise")
+                   help="mixed precision: auto = bf16 on GPUs that support it and on CPUs with AMX tiles (AVX512-BF16 "
+                        "alone measured slower than fp32), fp16 with gradient scaling on older GPUs, fp32 otherwise")
     g.add_argument("--channels-last", default=None, action=argparse.BooleanOptionalAction,
                    help="NHWC memory layout for convolutions; default: on with CUDA (tensor cores), off on CPU "
                         "(slower there, as bench.py --ablations measures: weights are copied between layouts every step)")

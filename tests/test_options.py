@@ -170,3 +170,13 @@ def test_a_study_recorded_before_an_option_existed_reads_with_its_legacy_value(t
     record.write_text(json.dumps({"options": {"generator": "unet", "l1_lambda": 75.0}}))
     saved = recorded_options(record)
     assert saved["l1_lowpass"] == 1 and saved["d_augment"] == "none" and saved["ema_half_life"] == 0
+
+
+@pytest.mark.parametrize("amx,avx512_bf16,expected", [(True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")],
+                         ids=["amx", "avx512-bf16-without-amx", "avx2"])
+def test_precision_auto_on_cpu_takes_bf16_only_with_amx(monkeypatch, amx, avx512_bf16, expected):
+    import runtime
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
+    assert runtime.resolve_precision("fp32", torch.device("cpu")) == "fp32"
