@@ -97,13 +97,17 @@ class Networks:
     ema: GeneratorEMA = None
     ema_masks: Callable[[], Iterable[torch.Tensor]] = None
     augment: DiscriminatorAugment = field(default_factory=lambda: DiscriminatorAugment("none", 0, "cpu"))
+    calibrated_at: int = -1  # the average's images_seen when its BatchNorm statistics were last estimated
 
     def painter(self):
         """The generator that paints samples and checkpoints: the average, with BatchNorm
-        statistics of its own (ema.py says why), or the raw G."""
+        statistics of its own (ema.py says why; re-estimated once per update, not per use),
+        or the raw G."""
         if self.ema is None:
             return unwrap(self.generator)
-        recompute_batchnorm_stats(self.ema.model, self.ema_masks())
+        if self.calibrated_at != self.ema.images_seen:
+            recompute_batchnorm_stats(self.ema.model, self.ema_masks())
+            self.calibrated_at = self.ema.images_seen
         return self.ema.model
 
     def ema_state(self):
