@@ -48,7 +48,7 @@ from dataset.common import split_item
 from dataset.unitopatho import CLASSES, UniToPatho, read_split
 from loop import Loop, StopRequest
 from runtime import (autocast_context, barrier, distributed, init_wandb, load_model_state, loader_workers,
-                     main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir, resolve_precision,
+                     main_process_log, make_loader, make_optimizer, maybe_compile, claim_run_dir, resolve_precision,
                      unwrap, wrap_ddp)
 from utils import (ArrayCache, UserError, atomic_save_figure, atomic_save_text, atomic_save_torch,
                    load_checkpoint_of_kind, run_main, safe_torch_load)
@@ -253,7 +253,7 @@ def save_confusion_plot(cm, classes, path, title):
 
 # --------------------------------------------------------------------------- main
 
-def train(args, resume, info, device, stop):
+def train(args, resume, info, device, stop, run_id):
     out_dir = Path(args.out_dir)
     real, synthetic, test = load_splits(args)
     classes = CLASSES[args.target]
@@ -291,7 +291,8 @@ def train(args, resume, info, device, stop):
                 "classes": list(classes), "optimizer": opt.state_dict(), "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict(), "config": vars(args)}
 
-    loop = Loop(out_dir, info, device, ("loss",), payload, stop, config.LOG_EVERY_STEPS, args.save_every_steps)
+    loop = Loop(out_dir, info, device, ("loss",), payload, stop, config.LOG_EVERY_STEPS, args.save_every_steps,
+                run_id=run_id)
     position = loop.restore(resume, args.resume, log)
     run = init_wandb(args, position.wandb_run_id) if info.is_main else None
     if run is not None:
@@ -364,10 +365,8 @@ def main(argv=None):
     with distributed(args.device, args.dist_timeout, args.channels_last) as (info, device, channels_last), \
             StopRequest() as stop:
         args = config.RunConfig(**{**vars(args), "channels_last": channels_last})  # the layout resolved for the device
-        if info.is_main:
-            prepare_run_dir(args.out_dir, resume is not None, args.overwrite)
-        barrier()
-        train(args, resume, info, device, stop)
+        with claim_run_dir(args, "classifier training", resume, info) as folder:
+            train(args, resume, info, device, stop, folder.run_id)
         barrier()
 
 

@@ -399,6 +399,7 @@ def add_utp_data_args(p, data_help="UniToPatho '800' folder (train.csv, test.csv
 
 
 def add_utp_training_data_args(p):
+    p.set_defaults(dataset="unitopatho")  # recorded in the checkpoint, for test.py
     g = add_utp_data_args(p)
     g.add_argument("--crop-size", type=int, default=CROP_SIZE, help="training crop size (a multiple of 256)")
     g.add_argument("--crops-per-image", type=int, default=CROPS_PER_IMAGE,
@@ -412,6 +413,7 @@ def add_utp_training_data_args(p):
 
 
 def add_pannuke_training_data_args(p):
+    p.set_defaults(dataset="pannuke")  # recorded in the checkpoint, for test.py
     g = add_pannuke_data_args(p, "folds for the sample grids (and test.py)")
     g.add_argument("--check-data", action="store_true",
                    help="check every patch's pixel and mask values at start-up (default: a sample of each fold)")
@@ -454,6 +456,7 @@ def add_conic_split_args(g):
 
 
 def add_conic_training_data_args(p):
+    p.set_defaults(dataset="conic")  # recorded in the checkpoint, for test.py
     g = p.add_argument_group("data (CoNIC / Lizard)")
     g.add_argument("--data-dir", default=CONIC_DIR,
                    help="CoNIC release folder: images.npy, labels.npy, patch_info.csv (counts.csv optional)")
@@ -467,6 +470,7 @@ def add_conic_training_data_args(p):
 
 
 def add_folder_training_data_args(p):
+    p.set_defaults(dataset="folder")  # recorded in the checkpoint, for test.py
     g = p.add_argument_group("data (a folder of image and mask files)")
     g.add_argument("--data-dir", default=FOLDER_DIR,
                    help="folder holding images/NAME.png|.jpg|.tif and masks/NAME.png (index or palette PNGs), "
@@ -599,7 +603,9 @@ def test_parser():
         formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file, or wandb:ENTITY/PROJECT/ARTIFACT:VERSION (needs an online account)")
-    p.add_argument("--dataset", default="pannuke", choices=["pannuke", "unitopatho", "conic", "folder"])
+    p.add_argument("--dataset", default=None, choices=["pannuke", "unitopatho", "conic", "folder"],
+                   help="what the masks are (default: the data the checkpoint trained on; pannuke for a "
+                        "checkpoint that does not record it)")
     p.add_argument("--masks-only", action="store_true",
                    help="folder: paint every mask of --data-dir (DATA_DIR/masks/*.png, or DATA_DIR/*.png), any "
                         "size, without images or split; the output is again a folder dataset")

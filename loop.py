@@ -69,7 +69,8 @@ class Loop:
     """One run's shared machinery. `names` are the values each step returns (their epoch
     means go into the history); `payload()` gives the loop's own checkpoint entries.
     Without `out_dir` nothing is saved (a stop then exits all the same). `resume_hint`
-    tells a stopped run's user how to continue; `progress` shows a bar per epoch."""
+    tells a stopped run's user how to continue; `progress` shows a bar per epoch; `run_id`
+    (the run folder's) goes into every checkpoint, so a resume can tell it is this run's."""
     out_dir: Path
     info: DistInfo
     device: torch.device
@@ -80,6 +81,7 @@ class Loop:
     save_every_steps: int = 0
     resume_hint: str = None
     progress: bool = True
+    run_id: str = None
 
     @property
     def last_checkpoint(self):
@@ -124,7 +126,7 @@ class Loop:
             dist.all_reduce(sums)
         return {**self.payload(), "epoch": position.epoch, "batches_done": position.batches_done,
                 "step": position.step, "partial_sums": sums.cpu(), "history": position.history, "rng": rng,
-                "world_size": self.info.world_size, "wandb_run_id": position.wandb_run_id}
+                "world_size": self.info.world_size, "wandb_run_id": position.wandb_run_id, "run_id": self.run_id}
 
     def save(self, position, sums, also_as=None):
         if self.out_dir is None:

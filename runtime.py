@@ -9,8 +9,6 @@ LOCAL_RANK / WORLD_SIZE from the environment when they are there.
 import contextlib
 import datetime
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config import DIST_TIMEOUT_MINUTES
+from run_folder import RunFolder, input_paths
 from utils import UserError, resolve_wandb_mode
 
 # --------------------------------------------------------------------------- devices and processes
@@ -146,28 +145,22 @@ def distributed(device_arg="auto", timeout_minutes=DIST_TIMEOUT_MINUTES, channel
 
 # --------------------------------------------------------------------------- run folders
 
-def prepare_run_dir(out_dir, resuming, overwrite):
-    """Check a training run's folder before any work (call on the main process):
-    it must be a writable folder, and a run already in it (checkpoints/last.pt) is
-    never replaced silently. Without --resume, --overwrite clears that run's
-    checkpoints, sample grids and plots so old and new never mix."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file; give a folder for the run")
-    last = out_dir / "checkpoints" / "last.pt"
-    if last.exists() and not resuming:
-        if not overwrite:
-            raise UserError(f"{out_dir} already holds a run ({last}); continue it with --resume {last}, "
-                            f"or start afresh with --overwrite (deletes that run) or a new --out-dir")
-        for old in ("checkpoints", "samples"):
-            shutil.rmtree(out_dir / old, ignore_errors=True)
-        (out_dir / "loss_curves.png").unlink(missing_ok=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as exc:
-        raise UserError(f"cannot write to --out-dir {out_dir}: {exc.strerror or exc}") from None
+def claim_run_dir(args, what, resume, info):
+    """A training run's folder (run_folder.RunFolder), claimed by the main process before any
+    work and joined by the others: a folder holding another run is refused unless --resume
+    continues that very run, and --overwrite deletes only that run's output."""
+    out_dir = Path(args.out_dir)
+    folder = None
+    if info.is_main:
+        folder = RunFolder.claim(out_dir, what, inputs=input_paths(args), overwrite=args.overwrite, one_run=True,
+                                 resume=None if resume is None else (resume.get("run_id"), args.resume),
+                                 continue_hint=f"continue it with --resume {out_dir / 'checkpoints' / 'last.pt'}")
+        folder.record("wandb")
+        # Temp files left by a run killed while saving; the checkpoints themselves are intact.
+        for stale in (out_dir / "checkpoints").glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+    barrier()
+    return folder if info.is_main else RunFolder.join(out_dir)
 
 
 # --------------------------------------------------------------------------- wandb

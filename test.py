@@ -7,9 +7,10 @@
     python test.py --checkpoint runs/folder/checkpoints/last.pt --dataset folder --masks-only \
         --data-dir my_masks --out-dir synthetic/my_masks [--tile]
 Under torchrun each process writes its own share of the files. Files already
-written are skipped (--overwrite regenerates them), so an interrupted run resumes.
-OUT.synthetic.json, beside OUT, records the checkpoint that made them (sha256,
-epoch, step): a re-run with another checkpoint is refused unless --overwrite.
+written are skipped, so an interrupted run resumes. OUT/.run.json (a manifest) records
+what made them (the checkpoint's sha256, epoch and step, and every option that
+changes an image): a re-run with another checkpoint or such an option is refused
+unless --overwrite, which first deletes the images that run wrote (run_folder.py).
 
 UniToPatho test images are generated at native size (1812 x 1812) from their masks
 and written as a drop-in copy of the split: OUT/<top_label_name>/<image_id> plus
@@ -32,9 +33,8 @@ SPADE generator's noise vector (--noise-dim) or, for a U-Net, its dropout (with
 --norm-mode train). With K = 1, OUT itself is the tree, as before.
 """
 import argparse
+import contextlib
 import hashlib
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,8 @@ from gan import generate, load_generator, prepare_batch
 from report import to_uint8_image, triplet_grid
 from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
-from utils import UserError, atomic_save_png, atomic_save_text, inside, resolve_wandb_mode, run_main, within
+from run_folder import RunFolder, check_apart, input_paths
+from utils import UserError, atomic_copy, atomic_save_png, inside, resolve_wandb_mode, run_main
 
 
 def beside(out_dir, suffix):
@@ -120,72 +121,54 @@ def fetch_wandb_checkpoint(spec, out_dir):
     return found[0]
 
 
-def check_apart(args):
-    """Outputs never go into the inputs, where --overwrite could replace them."""
-    inputs = {"--data-dir": args.data_dir}
-    if args.dataset == "unitopatho":
-        inputs["--masks-dir"] = args.masks_dir
-    outputs = [("--out-dir", args.out_dir), ("--grids-dir", grids_folder(args))]
-    if args.dataset == "conic":
-        outputs.append(("--tiles-dir", tiles_folder(args)))
-    for flag, out in outputs:
-        for input_flag, folder in inputs.items():
-            if within(out, folder):
-                raise UserError(f"{flag} {out} is inside {input_flag} {folder}; synthetic images must not be "
-                                f"written among the inputs: choose another {flag}")
-
-
-def checkpoint_identity(spec, path, ckpt, args):
-    """What made the images: the checkpoint (its sha256), which of its weights painted, and how many per mask."""
+def checkpoint_identity(path, ckpt, args):
+    """What made the images: the checkpoint (its sha256), and which of its weights painted."""
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     weights = "ema" if args.ema and "generator_ema" in ckpt else "raw"
-    return {"checkpoint": str(spec), "sha256": sha256, "epoch": ckpt.get("epoch"), "step": ckpt.get("step"),
-            "weights": weights, "samples_per_mask": args.samples_per_mask}
+    return {"checkpoint_sha256": sha256, "checkpoint_epoch": ckpt.get("epoch"), "checkpoint_step": ckpt.get("step"),
+            "weights": weights}
 
 
-def describe(identity):
-    return (f"{identity.get('checkpoint')} (epoch {identity.get('epoch')}, step {identity.get('step')}, "
-            f"{identity.get('weights', 'raw')} weights)")
+# Options that change where images go or how fast, not the images: left out of the manifest.
+NOT_IN_MANIFEST = ("out_dir", "grids_dir", "tiles_dir", "overwrite", "batch_size", "grids", "device",
+                   "channels_last", "compile", "workers", "wandb", "wandb_project", "wandb_entity", "run_name")
 
 
-def record_path(args):
-    return beside(args.out_dir, ".synthetic.json")
+def manifest_options(args, identity):
+    """The manifest of the folders: every option that changes an image (paths resolved), and the checkpoint's identity."""
+    options = {k: v for k, v in vars(args).items() if k not in NOT_IN_MANIFEST}
+    for name in ("checkpoint", "data_dir", "masks_dir", "split_file"):
+        if options.get(name) and not str(options[name]).startswith("wandb:"):
+            options[name] = str(Path(options[name]).resolve())
+    return {**options, **identity}
 
 
-def write_record(args, identity, overwriting):
-    """`overwriting` stays true until an --overwrite run ends: until then the folder may
-    still hold images of the previous checkpoint."""
-    atomic_save_text(record_path(args), json.dumps(dict(identity, overwriting=overwriting), indent=1) + "\n")
+def output_folders(args):
+    """{flag: folder} this run writes: OUT, its grids and (CoNIC) its tiles."""
+    folders = {"--out-dir": Path(args.out_dir)}
+    if args.grids:
+        folders["--grids-dir"] = grids_folder(args)
+    if args.dataset == "conic":
+        folders["--tiles-dir"] = tiles_folder(args)
+    return folders
 
 
-def claim_out_dir(args, identity, is_main):
-    """Refuse to mix images of two checkpoints in one folder, then record which one writes
-    it. Every rank checks before rank 0 writes the record."""
-    out, record = Path(args.out_dir), record_path(args)
-    if not args.overwrite:
-        if record.is_file():
-            try:
-                previous = json.loads(record.read_text())
-                made_by, overwriting = previous["sha256"], previous.get("overwriting")
-            except (ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise UserError(f"cannot read {record} ({exc}): delete it, or pass --overwrite") from None
-            if previous.get("samples_per_mask", 1) != identity["samples_per_mask"]:
-                raise UserError(f"{out} holds {previous.get('samples_per_mask', 1)} sample(s) per mask (see "
-                                f"{record}), not {identity['samples_per_mask']}; choose a new --out-dir")
-            if made_by != identity["sha256"] or previous.get("weights", "raw") != identity["weights"]:
-                raise UserError(f"{out} holds images made by checkpoint {describe(previous)}, not by "
-                                f"{describe(identity)} (see {record}); pass --overwrite to regenerate them, "
-                                f"or choose a new --out-dir")
-            if overwriting:
-                raise UserError(f"an --overwrite run into {out} did not finish, so some images there may come "
-                                f"from an earlier checkpoint (see {record}); run again with --overwrite")
-        elif out.is_dir() and any(out.iterdir()):
-            raise UserError(f"{out} already holds files but no record of the checkpoint that made them "
-                            f"({record}); pass --overwrite to regenerate them, or choose a new --out-dir")
+def claim_outputs(args, options, info, held):
+    """Claim every output folder for these options (run_folder.RunFolder) on the main
+    process, then join them on the others; `held` (an ExitStack) releases them."""
+    folders = output_folders(args)
+    for flag, folder in folders.items():  # every folder checked before any is claimed
+        check_apart(folder, input_paths(args), flag)
+    if info.is_main:
+        for flag, folder in folders.items():
+            held.enter_context(RunFolder.claim(
+                folder, "test.py", options, inputs=input_paths(args), overwrite=args.overwrite, flag=flag,
+                continue_hint="give the same options and checkpoint to continue it"))
     barrier()
-    if is_main:
-        write_record(args, identity, args.overwrite)
+    if not info.is_main:
+        for folder in folders.values():
+            held.enter_context(RunFolder.join(folder))
 
 
 def generate_images(generator, mask, autocast, norm_mode, seeds, noise_seeds=None):
@@ -334,8 +317,7 @@ def generate_unitopatho(args, painter, pairs=None):
     out_dir, grids_dir = Path(args.out_dir), grids_folder(args)
     outputs = [inside(out_dir, out_dir / label / name) for label, name in zip(split.rows["top_label_name"], split.names)]
     if painter.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(split.data_dir / f"{args.split}.csv", out_dir / f"{args.split}.csv")
+        atomic_copy(split.data_dir / f"{args.split}.csv", out_dir / f"{args.split}.csv")
     mine = painter.share(len(split))
     todo = [i for i in mine if args.overwrite or not outputs[i].exists()]
 
@@ -375,8 +357,7 @@ def generate_folder(args, painter, tiles):
         if tiles.instance_path(i) is not None:
             copies.append((tiles.instance_path(i), out_dir / "instances" / tiles.instance_path(i).name))
         for source, target in copies:
-            inside(out_dir, target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
+            atomic_copy(source, inside(out_dir, target))
         fake = paint_at_native_size(args, painter, labels, args.seed + i)
         atomic_save_png(to_uint8_image(fake), outputs[i])
         if grids_left > 0:
@@ -396,17 +377,17 @@ WRITERS = {"pannuke": generate_pannuke, "unitopatho": generate_unitopatho, "coni
 def main(argv=None):
     args = test_parser().parse_args(argv)
     check_option_ranges(args, {"batch_size": 1, "grids": 0, "samples_per_mask": 1, "tile_overlap": 0, "seed": 0})
-    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
+    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last), \
+            contextlib.ExitStack() as held:
         checkpoint = args.checkpoint
         if checkpoint.startswith("wandb:"):
             checkpoint = fetch_wandb_checkpoint(checkpoint, args.out_dir)
         generator, ckpt = load_generator(checkpoint, device, ema=args.ema)
+        args.dataset = args.dataset or ckpt.get("config", {}).get("dataset") or "pannuke"
         args.data_dir = data_dir_of(args, ckpt)
-        check_apart(args)
         check_samples(args, ckpt["model_config"])
         inputs = open_inputs(args, ckpt)  # read and checked before anything is written
-        identity = checkpoint_identity(args.checkpoint, checkpoint, ckpt, args)
-        claim_out_dir(args, identity, info.is_main)
+        claim_outputs(args, manifest_options(args, checkpoint_identity(checkpoint, ckpt, args)), info, held)
         if args.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
         autocast = autocast_context(device, resolve_precision(args.precision, device))
@@ -415,8 +396,6 @@ def main(argv=None):
             count = WRITERS[args.dataset](tree_args, painter, inputs)
         barrier()
         if info.is_main:
-            if args.overwrite:
-                write_record(args, identity, overwriting=False)
             shared = f" ({info.world_size} processes, each wrote its share)" if info.distributed else ""
             trees = f" x {args.samples_per_mask} per mask, in sample_1 ... sample_{args.samples_per_mask}" \
                 if args.samples_per_mask > 1 else ""

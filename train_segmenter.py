@@ -36,8 +36,8 @@ from dataset.conic import build_conic
 from dataset.pannuke import build_pannuke
 from loop import Loop, StopRequest
 from metrics import confusion_matrix, format_mask_table, mask_scores
-from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
-                     loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
+from runtime import (SeededSampler, autocast_context, distributed, init_wandb, load_model_state,
+                     loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, claim_run_dir,
                      resolve_precision, unwrap, wrap_ddp)
 from segmenter import (CHECKPOINT_KIND, CHECKPOINT_VERSION, ENCODERS, RESUME_KEYS, build_segmenter,
                        load_encoder_weights, read_segmenter_checkpoint, to_device, train_step)
@@ -113,7 +113,7 @@ def segmenter_payload(args, model_cfg, model, opt, scaler, mpp):
             "config": vars(args), "mpp": mpp}
 
 
-def train(args, resume, info, device, channels_last, stop):
+def train(args, resume, info, device, channels_last, stop, run_id):
     out_dir = Path(args.out_dir)
     precision = resolve_precision(args.precision, device)
     autocast = autocast_context(device, precision)
@@ -145,7 +145,7 @@ def train(args, resume, info, device, channels_last, stop):
     # --- where the run stands
     loop = Loop(out_dir, info, device, ("train_loss",),
                 lambda: segmenter_payload(args, model_cfg, model, opt, scaler, mpp), stop, config.LOG_EVERY_STEPS,
-                args.save_every_steps)
+                args.save_every_steps, run_id=run_id)
     position = loop.restore(resume, args.resume, log)
     run = init_wandb(args, position.wandb_run_id) if info.is_main else None
     if run is not None:
@@ -205,10 +205,8 @@ def main(argv=None):
     config.check_epochs_left(args, resume)
     with distributed(args.device, channels_last=args.channels_last) as (info, device, channels_last), \
             StopRequest() as stop:
-        if info.is_main:
-            prepare_run_dir(args.out_dir, resume is not None, args.overwrite)
-        barrier()
-        train(args, resume, info, device, channels_last, stop)
+        with claim_run_dir(args, "segmenter training", resume, info) as folder:
+            train(args, resume, info, device, channels_last, stop, folder.run_id)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ from gan import (CHECKPOINT_KIND, CHECKPOINT_VERSION, build_discriminator, build
 from losses import LOSSES, lowpass_l1, r1_penalty
 from loop import Loop, StopRequest
 from report import save_loss_plot, triplet_grid
-from runtime import (SeededSampler, autocast_context, barrier, distributed, init_wandb, load_model_state,
-                     loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile, prepare_run_dir,
+from runtime import (SeededSampler, autocast_context, claim_run_dir, distributed, init_wandb, load_model_state,
+                     loader_workers, main_process_log, make_loader, make_optimizer, maybe_compile,
                      resolve_precision, unwrap, wrap_ddp)
 from utils import UserError, atomic_save_png, seed_everything
 
@@ -256,10 +256,11 @@ def log_epoch_to_wandb(run, means, grid_path, last_checkpoint, progress):
         run.log_artifact(artifact, aliases=["latest", f"epoch-{progress.epoch}"])
 
 
-def run_training(cfg, resume, build_datasets, require_distributed=False):
+def run_training(cfg, resume, build_datasets, require_distributed=False, folder_owned=False):
     """Train G and D on the settled config `cfg` (config.settle_config), from `resume`
     (a checkpoint dict) when given. `build_datasets(cfg)` returns (train dataset,
-    sample dataset); items are (labels uint8 (H, W), image uint8 (3, H, W))."""
+    sample dataset); items are (labels uint8 (H, W), image uint8 (3, H, W)).
+    `folder_owned`: the caller (a study) already claimed the folder around cfg.out_dir."""
     check_training_config(cfg)
     with distributed(cfg.device, cfg.dist_timeout, cfg.channels_last, require=require_distributed) \
             as (info, device, channels_last), StopRequest() as stop:
@@ -267,70 +268,64 @@ def run_training(cfg, resume, build_datasets, require_distributed=False):
         ckpt_dir = Path(cfg.out_dir) / "checkpoints"
         precision = resolve_precision(cfg.precision, device)
         autocast = autocast_context(device, precision)
-        if info.is_main:
-            prepare_run_dir(cfg.out_dir, resume is not None, cfg.overwrite)
-            # Temp files left by a run killed while saving; the checkpoints themselves are intact.
-            for stale in ckpt_dir.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-        barrier()
+        with (contextlib.nullcontext() if folder_owned else claim_run_dir(cfg, "GAN training", resume, info)) as folder:
+            # --- data, and the networks it asks for
+            train_set, sample_set = build_datasets(cfg)
+            if len(train_set) == 0:
+                raise UserError(f"no training images in {cfg.data_dir} with these options; nothing to train on")
+            labels = train_set.label_set
+            model_cfg = model_config(cfg, labels, train_set[0][0].shape[-1])
+            check_resume(cfg, model_cfg, resume)
+            check_model_config(model_cfg)
+            if model_cfg["discriminator"] == "oasis" and (cfg.d_augment == "ada" or cfg.r1_gamma):
+                raise UserError("--d-augment ada and --r1-gamma read a real/fake score per patch, which the OASIS "
+                                "discriminator does not give: use them with --discriminator patch or multiscale")
+            sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
+            workers = loader_workers(cfg.workers, device)
+            loader_rng = torch.Generator()
+            loader = make_loader(train_set, cfg.batch_size, workers, device, sampler=sampler, generator=loader_rng)
+            shown = [sample_set[i] for i in range(min(cfg.num_samples, len(sample_set)))]
+            samples = Samples(tuple(map(torch.stack, zip(*shown))) if shown else None, labels, device, channels_last,
+                              autocast)
 
-        # --- data, and the networks it asks for
-        train_set, sample_set = build_datasets(cfg)
-        if len(train_set) == 0:
-            raise UserError(f"no training images in {cfg.data_dir} with these options; nothing to train on")
-        labels = train_set.label_set
-        model_cfg = model_config(cfg, labels, train_set[0][0].shape[-1])
-        check_resume(cfg, model_cfg, resume)
-        check_model_config(model_cfg)
-        if model_cfg["discriminator"] == "oasis" and (cfg.d_augment == "ada" or cfg.r1_gamma):
-            raise UserError("--d-augment ada and --r1-gamma read a real/fake score per patch, which the OASIS "
-                            "discriminator does not give: use them with --discriminator patch or multiscale")
-        sampler = SeededSampler(train_set, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed)
-        workers = loader_workers(cfg.workers, device)
-        loader_rng = torch.Generator()
-        loader = make_loader(train_set, cfg.batch_size, workers, device, sampler=sampler, generator=loader_rng)
-        shown = [sample_set[i] for i in range(min(cfg.num_samples, len(sample_set)))]
-        samples = Samples(tuple(map(torch.stack, zip(*shown))) if shown else None, labels, device, channels_last,
-                          autocast)
-
-        # --- networks and where the run stands
-        nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
-        if nets.ema is not None:
-            nets.ema_masks = ema_mask_batches(train_set, device, channels_last, labels.num_classes)
-        loop = Loop(cfg.out_dir, info, device, LOSS_NAMES, lambda: gan_payload(cfg, model_cfg, nets), stop,
-                    cfg.log_every, cfg.save_every_steps)
-        position = loop.restore(resume, cfg.resume, log)
-        log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
-            f"precision {precision}, batch {cfg.batch_size} x {info.world_size} = "
-            f"{cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, {workers} loader worker(s)")
-        run = init_wandb(cfg, position.wandb_run_id) if info.is_main else None
-        if run is not None:
-            position.wandb_run_id = run.id
-        step_cfg = StepConfig(autocast, cfg)
-
-        def step(batch):
-            mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes)
-            losses = gan_train_step(nets, mask, real, step_cfg, position.step + 1)
+            # --- networks and where the run stands
+            nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
             if nets.ema is not None:
-                nets.ema.update(unwrap(nets.generator), len(mask))
-            return losses
-
-        def log_losses(means):
+                nets.ema_masks = ema_mask_batches(train_set, device, channels_last, labels.num_classes)
+            loop = Loop(cfg.out_dir, info, device, LOSS_NAMES, lambda: gan_payload(cfg, model_cfg, nets), stop,
+                        cfg.log_every, cfg.save_every_steps, run_id=folder and folder.run_id)
+            position = loop.restore(resume, cfg.resume, log)
+            log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
+                f"precision {precision}, batch {cfg.batch_size} x {info.world_size} = "
+                f"{cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, {workers} loader worker(s)")
+            run = init_wandb(cfg, position.wandb_run_id) if info.is_main else None
             if run is not None:
-                augment = {"train/d_augment_p": nets.augment.p} if nets.augment.ada is not None else {}
-                run.log({**{f"train/{k}": v for k, v in means.items()}, **augment, "epoch": position.epoch},
-                        step=position.step)
+                position.wandb_run_id = run.id
+            step_cfg = StepConfig(autocast, cfg)
 
-        # --- the epochs
-        while position.epoch < cfg.epochs:
-            loader_rng.manual_seed(cfg.seed * 1000003 + position.epoch)
-            nets.generator.train()
-            nets.discriminator.train()
-            sums = loop.epoch(position, loader, sampler, step, f"epoch {position.epoch + 1}/{cfg.epochs}", log_losses)
-            end_of_epoch(cfg, loop, nets, position, sums, samples, run)
-        if run is not None:
-            run.finish()
-        log(f"done: {ckpt_dir / 'last.pt'}")
+            def step(batch):
+                mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes)
+                losses = gan_train_step(nets, mask, real, step_cfg, position.step + 1)
+                if nets.ema is not None:
+                    nets.ema.update(unwrap(nets.generator), len(mask))
+                return losses
+
+            def log_losses(means):
+                if run is not None:
+                    augment = {"train/d_augment_p": nets.augment.p} if nets.augment.ada is not None else {}
+                    run.log({**{f"train/{k}": v for k, v in means.items()}, **augment, "epoch": position.epoch},
+                            step=position.step)
+
+            # --- the epochs
+            while position.epoch < cfg.epochs:
+                loader_rng.manual_seed(cfg.seed * 1000003 + position.epoch)
+                nets.generator.train()
+                nets.discriminator.train()
+                sums = loop.epoch(position, loader, sampler, step, f"epoch {position.epoch + 1}/{cfg.epochs}", log_losses)
+                end_of_epoch(cfg, loop, nets, position, sums, samples, run)
+            if run is not None:
+                run.finish()
+            log(f"done: {ckpt_dir / 'last.pt'}")
 
 
 def train_main(dataset, add_data_args, out_dir, build_datasets, argv=None, require_distributed=False):

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import random
+import shutil
 import socket
 import sys
 import tempfile
@@ -90,12 +91,19 @@ WRITE_ERRORS = {
 }
 
 
+# Checks every atomic write passes first: run_folder.RunFolder adds one per claimed output
+# folder (no symbolic link on the way inside it; the path logged as the tool's output).
+WRITE_CHECKS = []
+
+
 def atomic_write(path, write):
     """Call `write(f)` on a binary temp file beside `path`, then rename it over `path`:
     a crash mid-write leaves the previous file intact, and concurrent readers (loader
     workers, other ranks) see the old file or the new one, never half of one. A full
     disk or an unwritable folder is a UserError naming `path`."""
     path = Path(path)
+    for check in WRITE_CHECKS:
+        check(path)
     try:
         _atomic_write(path, write)
     except OSError as exc:
@@ -129,6 +137,13 @@ def atomic_save_torch(obj, path):
 
 def atomic_save_text(path, text):
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_copy(source, path):
+    """A copy of the file `source` at `path`, written like any other output (never through a
+    link standing at `path`)."""
+    with open(source, "rb") as src:
+        atomic_write(path, lambda f: shutil.copyfileobj(src, f))
 
 
 def atomic_save_png(array, path):

@@ -340,7 +340,7 @@ def gan_stage(study, k):
     def train(epochs):
         started = time.perf_counter()
         cfg = gan_run_config(study, k, epochs)
-        run_training(cfg, read_resume_checkpoint(cfg.resume) if cfg.resume else None, gan_datasets)
+        run_training(cfg, read_resume_checkpoint(cfg.resume) if cfg.resume else None, gan_datasets, folder_owned=True)
         return time.perf_counter() - started
 
     if plan_path.is_file():

@@ -68,8 +68,8 @@ def test_test_py_paints_with_the_average_unless_told_not_to(ema_run, pannuke_fol
     assert averaged.keys() == plain.keys() and averaged
     assert any(not np.array_equal(averaged[k], plain[k]) for k in averaged)
     assert all(img.std() > 0 for img in averaged.values())  # painted, not one flat colour
-    record = json.loads((tmp_path / "ema.synthetic.json").read_text())
-    assert record["weights"] == "ema"
+    record = json.loads((tmp_path / "ema" / ".run.json").read_text())
+    assert record["options"]["weights"] == "ema"
     # Raw-G images are not mixed into a folder of the average's.
     with pytest.raises(SystemExit):
         paint(tmp_path / "ema", "--no-ema")

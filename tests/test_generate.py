@@ -40,7 +40,7 @@ def test_one_png_per_test_sample_with_names_and_sizes(tmp_path, generate, pannuk
     grids = sorted((tmp_path / "out.grids").glob("*.png"))
     assert [g.name for g in grids] == ["grid_0000.png"]
     assert read(grids[0]).shape == (2 * 256 + 4, 3 * 256 + 2 * 4, 3)
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temporary files left behind"
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
 
 
 def test_folds_and_tissue_select_the_samples(tmp_path, generate):

@@ -91,8 +91,10 @@ def main_error(main, argv, capsys):
     return error_line(capsys.readouterr().err)
 
 
-def files_under(folder):
-    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+def files_under(folder, owner_files=True):
+    """The files under `folder`; without `owner_files`, leaving out its owner's .run.* files."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*")
+                  if p.is_file() and (owner_files or not p.name.startswith(".run.")))
 
 
 # --------------------------------------------------------------------------- 1. paths from CSVs
@@ -125,14 +127,19 @@ def test_inside_refuses_escapes_and_symlinks(tmp_path):
 
 @needs_utp
 def test_test_py_refuses_a_class_folder_linked_outside(test_script, utp_copy, trained_checkpoint, tmp_path, capsys):
+    """A link standing where a class folder of an earlier run was is refused at write time, and
+    --overwrite deletes nothing through it."""
     data_dir, masks_dir = utp_copy
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    out.mkdir()
+    argv = utp_argv(trained_checkpoint, data_dir, masks_dir, out, "--grids", 0)
+    test_script.main(argv)
+    shutil.rmtree(out / "HP")
     elsewhere.mkdir()
+    (elsewhere / "keep.png").write_bytes(b"not the tool's")
     (out / "HP").symlink_to(elsewhere)
-    line = main_error(test_script.main, utp_argv(trained_checkpoint, data_dir, masks_dir, out, "--overwrite"), capsys)
-    assert "outside" in line and str(out) in line
-    assert not list(elsewhere.iterdir())
+    line = main_error(test_script.main, argv, capsys)
+    assert ("symbolic link" in line or "outside" in line) and str(out / "HP") in line
+    assert [p.name for p in elsewhere.iterdir()] == ["keep.png"]
 
 
 def escape_tree(root):
@@ -166,7 +173,7 @@ def build_cli_cases(tmp, test_script, checkpoint, other, folds):
     made = tmp / "made_by_one"
     test_script.main(generate_argv(checkpoint, folds, made, "--grids", 0))
     cases["other-checkpoint"] = ("test.py", generate_argv(other, folds, made, "--grids", 0),
-                                 [str(checkpoint), str(other), "--overwrite", "--out-dir"], made)
+                                 [str(checkpoint.resolve()), str(other.resolve()), "--overwrite", "--out-dir"], made)
     # 4: output inside the inputs.
     copy = tmp / "folds"
     shutil.copytree(folds, copy)
@@ -228,7 +235,7 @@ def test_cli_refuses_with_one_line(cli_runs, case):
 # --------------------------------------------------------------------------- 2. which checkpoint made a folder
 
 def record_of(out):
-    return json.loads(out.with_name(out.name + ".synthetic.json").read_text())
+    return json.loads((out / ".run.json").read_text())["options"]
 
 
 def test_checkpoint_record_resume_refuse_and_overwrite(test_script, trained_checkpoint, other_checkpoint,
@@ -238,9 +245,9 @@ def test_checkpoint_record_resume_refuse_and_overwrite(test_script, trained_chec
     test_script.main(argv)
     record = record_of(out)
     state = torch.load(trained_checkpoint, weights_only=True)
-    assert record["sha256"] == hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()
-    assert (record["epoch"], record["step"], record["overwriting"]) == (state["epoch"], state["step"], False)
-    assert not [p for p in out.iterdir() if p.suffix != ".png"], "the record must stay out of the tree"
+    assert record["checkpoint_sha256"] == hashlib.sha256(trained_checkpoint.read_bytes()).hexdigest()
+    assert (record["checkpoint_epoch"], record["checkpoint_step"]) == (state["epoch"], state["step"])
+    assert not [p for p in out.iterdir() if p.suffix != ".png" and not p.name.startswith(".run.")]
 
     # Same checkpoint: resume, leaving what exists alone.
     names = sorted(p.name for p in out.glob("*.png"))
@@ -252,30 +259,25 @@ def test_checkpoint_record_resume_refuse_and_overwrite(test_script, trained_chec
     # Another checkpoint: refused, naming the one that made the images.
     other = generate_argv(other_checkpoint, pannuke_folds, out, "--grids", 0)
     line = main_error(test_script.main, other, capsys)
-    assert str(trained_checkpoint) in line and "--overwrite" in line
+    assert str(trained_checkpoint.resolve()) in line and "--overwrite" in line
     assert (out / names[0]).stat().st_mtime_ns == 1
 
     # --overwrite: everything regenerated and the record updated.
     test_script.main(other + ["--overwrite"])
     assert (out / names[0]).stat().st_mtime_ns != 1
-    assert record_of(out)["sha256"] == hashlib.sha256(other_checkpoint.read_bytes()).hexdigest()
-    assert record_of(out)["step"] == state["step"] + 1 and not record_of(out)["overwriting"]
+    assert record_of(out)["checkpoint_sha256"] == hashlib.sha256(other_checkpoint.read_bytes()).hexdigest()
+    assert record_of(out)["checkpoint_step"] == state["step"] + 1
 
 
-def test_unrecorded_or_half_overwritten_folder_is_refused(test_script, trained_checkpoint, pannuke_folds, tmp_path,
-                                                          capsys, one_thread):
+def test_a_folder_without_a_manifest_is_refused_even_with_overwrite(test_script, trained_checkpoint, pannuke_folds,
+                                                                     tmp_path, capsys, one_thread):
     out = tmp_path / "synthetic"
-    argv = generate_argv(trained_checkpoint, pannuke_folds, out, "--grids", 0)
-    test_script.main(argv)
-    record = out.with_name("synthetic.synthetic.json")
-    # An --overwrite run that stopped half-way: the folder may still hold older images.
-    record.write_text(json.dumps(dict(record_of(out), overwriting=True)))
-    assert "did not finish" in main_error(test_script.main, argv, capsys)
-    # Images from before this record existed: their checkpoint is unknown.
-    record.unlink()
-    assert "no record" in main_error(test_script.main, argv, capsys)
-    test_script.main(argv + ["--overwrite"])
-    assert not record_of(out)["overwriting"]
+    out.mkdir()
+    (out / "0_0.png").write_bytes(b"made by someone else")
+    for extra in ([], ["--overwrite"]):
+        line = main_error(test_script.main, generate_argv(trained_checkpoint, pannuke_folds, out, *extra), capsys)
+        assert "did not write" in line and str(out) in line
+    assert files_under(out) == ["0_0.png"] and (out / "0_0.png").read_bytes() == b"made by someone else"
 
 
 # --------------------------------------------------------------------------- 3. grids beside the drop-in tree
@@ -283,11 +285,11 @@ def test_unrecorded_or_half_overwritten_folder_is_refused(test_script, trained_c
 def test_pannuke_grids_go_beside_the_output(test_script, trained_checkpoint, pannuke_folds, tmp_path, one_thread):
     out = tmp_path / "synthetic"
     test_script.main(generate_argv(trained_checkpoint, pannuke_folds, out, "--grids", 1))
-    assert all(name.endswith(".png") and "/" not in name for name in files_under(out))
-    assert files_under(tmp_path / "synthetic.grids") == ["grid_0000.png"]
+    assert all(name.endswith(".png") and "/" not in name for name in files_under(out, owner_files=False))
+    assert files_under(tmp_path / "synthetic.grids", owner_files=False) == ["grid_0000.png"]
     chosen = tmp_path / "my grids"
     test_script.main(generate_argv(trained_checkpoint, pannuke_folds, tmp_path / "b", "--grids-dir", chosen))
-    assert files_under(chosen) == ["grid_0000.png"] and not (tmp_path / "b.grids").exists()
+    assert files_under(chosen, owner_files=False) == ["grid_0000.png"] and not (tmp_path / "b.grids").exists()
 
 
 @needs_utp
@@ -298,11 +300,11 @@ def test_unitopatho_output_is_a_clean_drop_in_tree(test_script, utp_small, train
     test_script.main(utp_argv(trained_checkpoint, data_dir, masks_dir, out, "--grids", 2))
     # An ImageFolder-style loader sees exactly the real classes, and the CSV loader the real rows.
     assert find_classes(str(out))[0] == find_classes(str(data_dir))[0] == CLASS_FOLDERS
-    assert files_under(out) == files_under(data_dir)
+    assert files_under(out, owner_files=False) == files_under(data_dir)
     assert [p.relative_to(out) for p in UniToPatho(out, "test").paths] == \
         [p.relative_to(data_dir) for p in UniToPatho(data_dir, "test").paths]
-    assert files_under(tmp_path / "synthetic.grids") == ["grid_0000.png", "grid_0001.png"]
-    assert (tmp_path / "synthetic.synthetic.json").is_file()
+    assert files_under(tmp_path / "synthetic.grids", owner_files=False) == ["grid_0000.png", "grid_0001.png"]
+    assert (out / ".run.json").is_file()
 
 
 # --------------------------------------------------------------------------- 4. outputs never go into the inputs

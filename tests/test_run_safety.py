@@ -43,14 +43,18 @@ def test_rerun_without_resume_is_refused_and_keeps_the_run(finished_run, pannuke
     assert last.read_bytes() == before
 
 
-def test_overwrite_starts_afresh_without_old_samples(finished_run, pannuke_folds, train_in_process):
-    stale = finished_run / "samples" / "epoch_0099.png"
-    stale.write_bytes(b"from the old run")
-    argv = train_in_process.argv(pannuke_folds, finished_run, "--overwrite", train_folds=(3,), test_folds=(3,))
-    train_in_process(argv)
+def test_overwrite_deletes_the_old_runs_output_and_nothing_else(finished_run, pannuke_folds, train_in_process):
+    folds = dict(train_folds=(3,), test_folds=(3,))
+    train_in_process(train_in_process.argv(pannuke_folds, finished_run, "--resume", str(finished_run.joinpath(*CKPT)),
+                                           epochs=2, **folds))
+    stale = finished_run / "samples" / "epoch_0002.png"
+    notes = finished_run / "samples" / "notes.txt"
+    notes.write_text("the user's, not the run's")
+    assert stale.is_file()
+    train_in_process(train_in_process.argv(pannuke_folds, finished_run, "--overwrite", **folds))
     ckpt = load(finished_run.joinpath(*CKPT))
     assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
-    assert not stale.exists()
+    assert not stale.exists() and notes.read_text() == "the user's, not the run's"
     assert (finished_run / "samples" / "epoch_0001.png").is_file()
 
 
