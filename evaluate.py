@@ -52,6 +52,7 @@ from runtime import (autocast_context, loader_workers, make_loader, maybe_compil
                      resolve_device, resolve_precision)
 from report import data_uri, fmt, grid, table
 from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image, segmenter_features
+from run_folder import RunFolder, input_paths, manifest_options
 from utils import UserError, atomic_save_text, run_main
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -74,6 +75,8 @@ def parser():
                    help=f"FID Inception weights ({metrics.INCEPTION_FILES[0]} or pytorch-fid's "
                         f"{metrics.INCEPTION_FILES[1]}), or a 'fid-features' file from metrics.save_feature_net; "
                         f"default: the torch hub cache ({metrics.inception_cache_dir()}), downloading if possible")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the scores of an evaluation made with other options in --out-dir")
     p.add_argument("--run-dir", default=None, help="training run folder whose loss_curves.png goes into the report")
     p.add_argument("--batch-size", type=int, default=32, help="images per Inception forward pass")
     p.add_argument("--kid-subsets", type=int, default=100, help="random subsets KID is averaged over")
@@ -372,7 +375,13 @@ def main(argv=None):
     args.channels_last = resolve_channels_last(args.channels_last, device)
     workers = loader_workers(args.workers, device)
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunFolder.claim(out_dir, "evaluate.py", manifest_options(args), inputs=input_paths(args),
+                         overwrite=args.overwrite):
+        write_evaluation(args, out_dir, pairs, unmatched, net, extractor, device, workers, loss_curves)
+
+
+def write_evaluation(args, out_dir, pairs, unmatched, net, extractor, device, workers, loss_curves):
+    """Score the pairs and write OUT/metrics.json and OUT/report.html."""
 
     groups = groups_of(pairs)
     overall, per_class = None, {}

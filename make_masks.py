@@ -9,7 +9,9 @@ Output: one RGB PNG per image in the PanNuke palette (dataset/masks.py), with th
 image's file name and size, under OUT/training/masks/ (train.csv) and
 OUT/test/masks/ (test.csv): the --masks-dir layout train_utp.py and test.py read.
 Masks already there are skipped (--overwrite redoes them) and each is written
-atomically, so an interrupted run continues where it stopped.
+atomically, so an interrupted run continues where it stopped. OUT/.run.json records
+the segmenter (its sha256) and the options that change a mask: a re-run with others
+is refused unless --overwrite, which first deletes the masks that run wrote.
 
 Magnification: the segmenter learnt PanNuke at 40x (--model-mpp 0.25 um/px);
 UniToPatho is 20x (--source-mpp 0.4415 um/px). Each image is resampled by
@@ -24,6 +26,7 @@ reference stain vectors and concentrations (see segmenter.StainNormalizer). An
 image with almost no stained tissue is segmented as it is.
 """
 import argparse
+import contextlib
 
 import torch
 from tqdm import tqdm
@@ -36,7 +39,8 @@ from dataset.unitopatho_mask import masks_folder
 from runtime import (autocast_context, barrier, distributed, loader_workers, make_loader, maybe_compile,
                      resolve_precision)
 from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
-from utils import atomic_save_png, inside, run_main
+from run_folder import RunFolder, input_paths, manifest_options
+from utils import atomic_save_png, file_sha256, inside, run_main
 
 
 def parser():
@@ -71,8 +75,18 @@ class Images(torch.utils.data.Dataset):
 def main(argv=None):
     args = parser().parse_args(argv)
     config.check_segmentation_args(args)
-    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last):
+    with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last), \
+            contextlib.ExitStack() as held:
         model, model_mpp = load_pannuke_segmenter(args.checkpoint, device, args.model_mpp)
+        # Which splits is not part of the manifest: segmenting test, then training, fills one folder.
+        options = manifest_options(args, leave_out=("splits", "batch_size")) | \
+            {"checkpoint_sha256": file_sha256(args.checkpoint)}
+        if info.is_main:
+            held.enter_context(RunFolder.claim(args.out_dir, "make_masks.py", options, inputs=input_paths(args),
+                                               overwrite=args.overwrite))
+        barrier()
+        if not info.is_main:
+            held.enter_context(RunFolder.join(args.out_dir))
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = maybe_compile(model, args.compile)

@@ -84,11 +84,13 @@ class RunFolder:
 
     @classmethod
     def claim(cls, path, script, options=None, inputs=None, overwrite=False, one_run=False, resume=None,
-              flag="--out-dir", continue_hint="give the same options to continue it"):
+              flag="--out-dir", continue_hint="give the same options to continue it", read_options=None):
         """Claim `path` for `script` writing with `options` (JSON values; a folder made with
         others is refused, or cleared with `overwrite`). A training run is `one_run`: a
         folder holding a run is refused unless `resume` = (run id, checkpoint) continues
-        that very run. Returns the claimed RunFolder; `.fresh` says it holds no earlier output."""
+        that very run. `read_options` reads the saved options for the comparison (a study
+        fills in options newer than it). Returns the claimed RunFolder; `.fresh` says it
+        holds no earlier output."""
         path, options = Path(path), options or {}
         if path.is_symlink() and not path.exists():
             raise UserError(f"{flag} {path} is a broken symbolic link; give a folder")
@@ -111,8 +113,8 @@ class RunFolder:
         elif one_run:
             conflict = f"run {saved.get('run_id')}"
         else:
-            changed = differences({"script": saved.get("script"), **saved.get("options", {})},
-                                  {"script": script, **options})
+            recorded = (read_options or dict)(saved.get("options", {}))
+            changed = differences({"script": saved.get("script"), **recorded}, {"script": script, **options})
             conflict = "; ".join(changed) or None
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -120,20 +122,23 @@ class RunFolder:
         except OSError as exc:
             raise UserError(f"cannot write to {flag} {path}: {exc.strerror or exc}") from None
         folder = cls(path, saved or {}, lock_fd)
-        if conflict and not folder.written:  # a run that failed before writing anything left nothing to lose
-            conflict, saved = None, None
-        if conflict:
-            if not overwrite:
-                folder.release()
-                raise UserError(f"{flag} {path} holds the output of another {saved.get('script')} run ({conflict}); "
-                                f"{continue_hint}, pass --overwrite to delete that output, or choose a new {flag}")
-            folder.clear()
-            saved = None
-        folder.fresh = saved is None and resume is None
-        if saved is None:
-            run_id = (resume[0] if resume else None) or new_run_id()
-            folder.manifest = {"script": script, "run_id": run_id, "options": options}
-            atomic_save_text(folder.owner_file("json"), json.dumps(folder.manifest, indent=1) + "\n")
+        try:
+            if conflict and not folder.written:  # a run that failed before writing anything left nothing to lose
+                conflict, saved = None, None
+            if conflict:
+                if not overwrite:
+                    raise UserError(f"{flag} {path} holds the output of another {saved.get('script')} run ({conflict}); "
+                                    f"{continue_hint}, pass --overwrite to delete that output, or choose a new {flag}")
+                folder.clear()
+                saved = None
+            folder.fresh = saved is None and resume is None
+            if saved is None:
+                run_id = (resume[0] if resume else None) or new_run_id()
+                folder.manifest = {"script": script, "run_id": run_id, "options": options}
+                atomic_save_text(folder.owner_file("json"), json.dumps(folder.manifest, indent=1) + "\n")
+        except BaseException:
+            folder.release()
+            raise
         return folder
 
     @classmethod
@@ -234,10 +239,23 @@ class RunFolder:
 
 
 # Options naming a script's inputs, as argparse dests: an output folder must stay apart from each.
-INPUT_OPTIONS = ("data_dir", "masks_dir", "real", "fake", "checkpoint", "split_file", "reference_from", "cache_dir",
-                 "synthetic_dir")
+INPUT_OPTIONS = ("data_dir", "masks_dir", "masks", "real", "fake", "checkpoint", "segmenter", "reference", "run_dir",
+                 "split_file", "reference_from", "cache_dir", "synthetic_dir")
+# Options that say where outputs go or how fast they are made, not what they hold: left out of a manifest.
+PLUMBING_OPTIONS = ("out_dir", "grids_dir", "tiles_dir", "overwrite", "device", "channels_last", "compile", "workers",
+                    "wandb", "wandb_project", "wandb_entity", "run_name")
 
 
 def input_paths(args):
     """{flag: path} for each input option `args` gives."""
     return {"--" + name.replace("_", "-"): getattr(args, name) for name in INPUT_OPTIONS if getattr(args, name, None)}
+
+
+def manifest_options(args, leave_out=()):
+    """The options of `args` that change what a script writes, input paths resolved (a folder
+    stays the same folder however it is named): what a manifest compares."""
+    options = {k: v for k, v in vars(args).items() if k not in PLUMBING_OPTIONS + tuple(leave_out)}
+    for name in INPUT_OPTIONS:
+        if isinstance(options.get(name), str) and not options[name].startswith("wandb:"):
+            options[name] = str(Path(options[name]).resolve())
+    return options

@@ -55,13 +55,14 @@ def main(argv=None):
     names = open_data(args.data_dir)
     options = study_options(args)
     check_reference_source(args, options)
-    with StopRequest() as stop:  # SIGTERM/Ctrl-C: the running stage saves and the study exits 143
-        study = Study(args, claim_out_dir(args, options), names, stop)
+    # SIGTERM/Ctrl-C: the running stage saves and the study exits 143.
+    with StopRequest() as stop, claim_out_dir(args, options) as folder:
+        study = Study(args, folder.path, names, stop)
         result = collect(study, run_stages(study), argv, options)
-    render.plot_dice(study.out / "dice_vs_fraction.png", result)
-    result["seconds"]["this_run_total"] = round(time.perf_counter() - started, 2)
-    atomic_save_text(study.out / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
-    render.write_report(study.out / "report.html", result, study.out)
+        render.plot_dice(study.out / "dice_vs_fraction.png", result)
+        result["seconds"]["this_run_total"] = round(time.perf_counter() - started, 2)
+        atomic_save_text(study.out / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
+        render.write_report(study.out / "report.html", result, study.out)
     render.print_table(result)
     print(f"wrote {study.out / 'metrics.json'} and {study.out / 'report.html'}")
 

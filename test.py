@@ -34,7 +34,6 @@ SPADE generator's noise vector (--noise-dim) or, for a U-Net, its dropout (with
 """
 import argparse
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +51,8 @@ from gan import generate, load_generator, prepare_batch
 from report import to_uint8_image, triplet_grid
 from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
-from run_folder import RunFolder, check_apart, input_paths
-from utils import UserError, atomic_copy, atomic_save_png, inside, resolve_wandb_mode, run_main
+from run_folder import RunFolder, check_apart, input_paths, manifest_options
+from utils import UserError, atomic_copy, file_sha256, atomic_save_png, inside, resolve_wandb_mode, run_main
 
 
 def beside(out_dir, suffix):
@@ -123,25 +122,9 @@ def fetch_wandb_checkpoint(spec, out_dir):
 
 def checkpoint_identity(path, ckpt, args):
     """What made the images: the checkpoint (its sha256), and which of its weights painted."""
-    with open(path, "rb") as f:
-        sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     weights = "ema" if args.ema and "generator_ema" in ckpt else "raw"
-    return {"checkpoint_sha256": sha256, "checkpoint_epoch": ckpt.get("epoch"), "checkpoint_step": ckpt.get("step"),
-            "weights": weights}
-
-
-# Options that change where images go or how fast, not the images: left out of the manifest.
-NOT_IN_MANIFEST = ("out_dir", "grids_dir", "tiles_dir", "overwrite", "batch_size", "grids", "device",
-                   "channels_last", "compile", "workers", "wandb", "wandb_project", "wandb_entity", "run_name")
-
-
-def manifest_options(args, identity):
-    """The manifest of the folders: every option that changes an image (paths resolved), and the checkpoint's identity."""
-    options = {k: v for k, v in vars(args).items() if k not in NOT_IN_MANIFEST}
-    for name in ("checkpoint", "data_dir", "masks_dir", "split_file"):
-        if options.get(name) and not str(options[name]).startswith("wandb:"):
-            options[name] = str(Path(options[name]).resolve())
-    return {**options, **identity}
+    return {"checkpoint_sha256": file_sha256(path), "checkpoint_epoch": ckpt.get("epoch"),
+            "checkpoint_step": ckpt.get("step"), "weights": weights}
 
 
 def output_folders(args):
@@ -387,7 +370,8 @@ def main(argv=None):
         args.data_dir = data_dir_of(args, ckpt)
         check_samples(args, ckpt["model_config"])
         inputs = open_inputs(args, ckpt)  # read and checked before anything is written
-        claim_outputs(args, manifest_options(args, checkpoint_identity(checkpoint, ckpt, args)), info, held)
+        options = manifest_options(args, leave_out=("batch_size", "grids")) | checkpoint_identity(checkpoint, ckpt, args)
+        claim_outputs(args, options, info, held)
         if args.channels_last:
             generator = generator.to(memory_format=torch.channels_last)
         autocast = autocast_context(device, resolve_precision(args.precision, device))

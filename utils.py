@@ -69,6 +69,11 @@ def inside(folder, path):
     return path
 
 
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def current_umask():
     """The process umask. Linux shows it in /proc (read-only, thread-safe); elsewhere
     it can only be read by setting it, so set it back at once."""

@@ -1,14 +1,14 @@
 """The study's command line, its presets, and which options make two studies the same study."""
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import config
 from config import (STUDY_BUDGET_MINUTES, STUDY_C2ST_EPOCHS, STUDY_FRACTIONS, STUDY_GAN_WIDTH, STUDY_LAYOUTS_PER_TILE,
                     STUDY_OUT_DIR, STUDY_RARE_CLASS_WEIGHT, STUDY_RARE_SHARE, STUDY_SEEDS, STUDY_SEGMENTER_BATCH_SIZE,
                     STUDY_SEGMENTER_STEPS, STUDY_SEGMENTER_WIDTH)
-from utils import UserError, atomic_save_text, within
+from run_folder import RunFolder, input_paths
+from utils import UserError, atomic_save_text
 
 # Tiny networks run fastest on one thread, above all on a CPU other processes share.
 SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, segmenter_steps=4, ngf=8, ndf=8, segmenter_width=8,
@@ -134,24 +134,12 @@ def check_reference_source(args, options):
 
 
 def claim_out_dir(args, options):
-    """S, holding this study's record: a study made with other options, or a folder of other files, is refused
-    (--overwrite deletes a study and starts afresh)."""
-    out = Path(args.out_dir)
-    record = out / "study.json"
-    if within(out, args.data_dir):
-        raise UserError(f"--out-dir {out} is inside --data-dir {args.data_dir}; choose a folder outside it")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out-dir {out} is a file; give a folder for the study")
-    if record.is_file():
-        saved = recorded_options(record)
-        changed = [f"{k} {saved.get(k)} there, {v} here" for k, v in options.items() if saved.get(k) != v]
-        if args.overwrite:
-            shutil.rmtree(out)
-        elif changed:
-            raise UserError(f"{out} holds a study made with other options ({'; '.join(changed)}); give the same "
-                            f"options to continue it, --overwrite to delete it, or a new --out-dir")
-    elif out.is_dir() and any(out.iterdir()):
-        raise UserError(f"--out-dir {out} holds files but no study.json; give an empty or new folder")
+    """S, claimed for this study (run_folder.RunFolder; a context manager holding its lock): a
+    study made with other options is refused, and --overwrite deletes what that study wrote
+    before starting afresh. S/study.json records the options for --reference-from."""
+    folder = RunFolder.claim(args.out_dir, "study.py", options, inputs=input_paths(args), overwrite=args.overwrite,
+                             read_options=lambda saved: config.fill_legacy(saved, model=False))
+    record = Path(args.out_dir) / "study.json"
     if not record.is_file():
         atomic_save_text(record, json.dumps({"options": options}, indent=1))
-    return out
+    return folder

@@ -26,7 +26,7 @@ import study
 from dataset.conic import CoNIC, open_conic, patch_source, read_split_file
 from quality import options, stages
 from segmenter import load_segmenter
-from utils import UserError
+from utils import UserError, atomic_save_text
 
 LIZARD = Path(__file__).resolve().parents[2] / "shared" / "data" / "lizard_128"
 NAMES = [f"src{s}-{i:04d}" for s in range(8) for i in range(3)]   # 8 source images of 3 tiles each
@@ -333,28 +333,33 @@ def test_bad_data_and_out_dirs_are_one_line(smoke, tiny_conic, tmp_path, capsys)
     assert "missing labels.npy, patch_info.csv" in refused(smoke_argv(tmp_path / "partial", tmp_path / "S"))
     before = marker_times(smoke.out)
     err = refused(smoke_argv(tiny_conic, smoke.out, "--fractions", "25", "100"))
-    assert "holds a study made with other options" in err and "fractions [50.0, 100.0] there, [25.0, 100.0] here" in err
+    assert "holds the output of another study.py run" in err and "fractions [50.0, 100.0] there, [25.0, 100.0] here" in err
     assert marker_times(smoke.out) == before
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    assert "holds files but no study.json" in refused(smoke_argv(tiny_conic, tmp_path / "other"))
+    assert "did not write" in refused(smoke_argv(tiny_conic, tmp_path / "other"))
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
-def test_overwrite_replaces_a_study_but_never_other_files(tmp_path, capsys):
-    old = tmp_path / "S"
-    (old / "k10").mkdir(parents=True)
-    (old / "study.json").write_text(json.dumps({"options": {"fractions": [10.0]}}))
-    (old / "k10" / "done.json").write_text("{}")
-    args = SimpleNamespace(out_dir=str(old), data_dir=str(tmp_path / "data"), overwrite=True)
-    assert options.claim_out_dir(args, {"fractions": [50.0]}) == old
-    assert [p.name for p in old.iterdir()] == ["study.json"]
+def test_overwrite_replaces_a_study_but_never_other_files(tmp_path):
+    old, data = tmp_path / "S", tmp_path / "data"
+    args = SimpleNamespace(out_dir=str(old), data_dir=str(data), overwrite=False)
+    with options.claim_out_dir(args, {"fractions": [10.0]}):
+        atomic_save_text(old / "k10" / "done.json", "{}")
+    (old / "k10" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="fractions \\[10.0\\] there, \\[50.0\\] here"):
+        options.claim_out_dir(args, {"fractions": [50.0]})
+    args.overwrite = True
+    with options.claim_out_dir(args, {"fractions": [50.0]}) as folder:
+        assert folder.path == old
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if not p.name.startswith(".run.")) == \
+        ["k10", "k10/notes.txt", "study.json"]
     assert json.loads((old / "study.json").read_text()) == {"options": {"fractions": [50.0]}}
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="holds files but no study.json"):
-        options.claim_out_dir(SimpleNamespace(out_dir=str(other), data_dir=str(tmp_path / "data"), overwrite=True), {})
+    with pytest.raises(UserError, match="did not write"):
+        options.claim_out_dir(SimpleNamespace(out_dir=str(other), data_dir=str(data), overwrite=True), {})
     assert (other / "notes.txt").read_text() == "mine"
 
 
