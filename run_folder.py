@@ -111,11 +111,11 @@ class RunFolder:
                                 f"not run {resume[0]} of checkpoint {resume[1]}; resume into that run's folder, or "
                                 f"into a new {flag}")
         elif one_run:
-            conflict = f"run {saved.get('run_id')}"
+            conflict = f"already holds a run ({saved.get('script')} run {saved.get('run_id')})"
         else:
             recorded = (read_options or dict)(saved.get("options", {}))
             changed = differences({"script": saved.get("script"), **recorded}, {"script": script, **options})
-            conflict = "; ".join(changed) or None
+            conflict = f"holds the output of another {saved.get('script')} run ({'; '.join(changed)})" if changed else None
         try:
             path.mkdir(parents=True, exist_ok=True)
             lock_fd = cls._lock(path, flag)
@@ -123,12 +123,12 @@ class RunFolder:
             raise UserError(f"cannot write to {flag} {path}: {exc.strerror or exc}") from None
         folder = cls(path, saved or {}, lock_fd)
         try:
-            if conflict and not folder.written:  # a run that failed before writing anything left nothing to lose
+            if conflict and not folder.holds_output():  # a run that failed before writing left nothing to lose
                 conflict, saved = None, None
             if conflict:
                 if not overwrite:
-                    raise UserError(f"{flag} {path} holds the output of another {saved.get('script')} run ({conflict}); "
-                                    f"{continue_hint}, pass --overwrite to delete that output, or choose a new {flag}")
+                    raise UserError(f"{flag} {path} {conflict}; {continue_hint}, pass --overwrite to delete that "
+                                    f"output, or choose a new {flag}")
                 folder.clear()
                 saved = None
             folder.fresh = saved is None and resume is None
@@ -192,6 +192,9 @@ class RunFolder:
         if not target.resolve().is_relative_to(self.root.resolve()):
             raise UserError(f"refusing to write {path}: it resolves outside the output folder {self.path}")
         self.record(target.relative_to(self.root).as_posix())
+
+    def holds_output(self):
+        return any(os.path.lexists(self.path / relative) for relative in self.written)
 
     def record(self, relative):
         """Log `relative` (a file, or a folder the tool fills wholly, such as wandb/) as this

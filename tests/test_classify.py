@@ -164,12 +164,24 @@ LONG = ["--image-size", "32", "--batch-size", "2", "--epochs", "2", "--workers",
 
 
 def test_a_finished_run_is_not_replaced_silently(utp, tmp_path, capsys):
-    run(utp, tmp_path / "out")
+    """Case 6: a re-run keeps classifier.pt and metrics.json; a folder of epoch checkpoints
+    without last.pt is not taken for an empty one."""
+    out = tmp_path / "out"
+    run(utp, out)
+    kept = {name: (out / name).read_bytes() for name in ("classifier.pt", "metrics.json")}
     with pytest.raises(SystemExit) as exit_info:
-        run(utp, tmp_path / "out")
+        run(utp, out)
     assert exit_info.value.code == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert run(utp, tmp_path / "out", "--overwrite")["test_images"] == 12
+    assert kept == {name: (out / name).read_bytes() for name in kept}
+    assert run(utp, out, "--overwrite")["test_images"] == 12
+    epochs_only = tmp_path / "epochs_only"
+    (epochs_only / "checkpoints").mkdir(parents=True)
+    (epochs_only / "checkpoints" / "epoch_0001.pt").write_bytes(b"a run's")
+    with pytest.raises(SystemExit):
+        run(utp, epochs_only)
+    assert "did not write" in capsys.readouterr().err
+    assert (epochs_only / "checkpoints" / "epoch_0001.pt").read_bytes() == b"a run's"
 
 
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])

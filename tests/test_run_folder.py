@@ -102,8 +102,9 @@ def test_a_training_run_continues_only_with_its_own_run_id(tmp_path):
     out = tmp_path / "run"
     first = claim(out, one_run=True)
     run_id = first.run_id
+    atomic_save_text(out / "checkpoints" / "last.pt", "weights")
     first.release()
-    with pytest.raises(UserError, match="holds the output of another"):
+    with pytest.raises(UserError, match="already holds a run"):
         claim(out, one_run=True)
     with pytest.raises(UserError, match="holds another run"):
         claim(out, one_run=True, resume=("someone-else", tmp_path / "other" / "last.pt"))
@@ -121,3 +122,11 @@ def test_a_run_from_before_manifests_is_adopted_only_by_resuming_its_checkpoint(
     adopted = claim(out, one_run=True, resume=(None, out / "checkpoints" / "last.pt"))
     assert adopted.run_id and read_manifest(out)["run_id"] == adopted.run_id
     adopted.release()
+
+
+def test_a_run_that_failed_before_writing_leaves_nothing_in_the_way(tmp_path):
+    """Case 20: a start that failed after its claim (bad data, say) does not block the next run."""
+    out = tmp_path / "out"
+    claim(out, options={"seed": 1}).release()
+    claim(out, options={"seed": 2}).release()
+    assert read_manifest(out)["options"] == {"seed": 2}
