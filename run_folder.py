@@ -61,6 +61,12 @@ def check_apart(out, inputs, flag="--out-dir"):
                             f"inputs (--overwrite could delete them): move it, or choose another {flag}")
 
 
+def logged_output(folder):
+    """The relative paths a folder's owner logged as the tool's output."""
+    log = Path(folder) / f"{OWNER_PREFIX}written"
+    return log.read_text().splitlines() if log.is_file() else []
+
+
 def differences(saved, wanted):
     keys = sorted(set(saved) | set(wanted))
     return [f"{k} {saved.get(k)} there, {wanted.get(k)} here" for k in keys if saved.get(k) != wanted.get(k)]
@@ -92,6 +98,35 @@ class RunFolder:
         fills in options newer than it). Returns the claimed RunFolder; `.fresh` says it
         holds no earlier output."""
         path, options = Path(path), options or {}
+        saved, conflict = cls.check(path, script, options, inputs, overwrite, one_run, resume, flag, continue_hint,
+                                    read_options)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            lock_fd = cls._lock(path, flag)
+        except OSError as exc:
+            raise UserError(f"cannot write to {flag} {path}: {exc.strerror or exc}") from None
+        folder = cls(path, saved or {}, lock_fd)
+        try:
+            if conflict and folder.holds_output():
+                folder.clear()
+            if conflict:
+                saved = None
+            folder.fresh = saved is None and resume is None
+            if saved is None:
+                run_id = (resume[0] if resume else None) or new_run_id()
+                folder.manifest = {"script": script, "run_id": run_id, "options": options}
+                atomic_save_text(folder.owner_file("json"), json.dumps(folder.manifest, indent=1) + "\n")
+        except BaseException:
+            folder.release()
+            raise
+        return folder
+
+    @staticmethod
+    def check(path, script, options=None, inputs=None, overwrite=False, one_run=False, resume=None,
+              flag="--out-dir", continue_hint="give the same options to continue it", read_options=None):
+        """What `claim` checks before it writes anything (so that a script claiming several
+        folders checks them all first). Returns (the saved manifest or None, what differs or None)."""
+        path, options = Path(path), options or {}
         if path.is_symlink() and not path.exists():
             raise UserError(f"{flag} {path} is a broken symbolic link; give a folder")
         if path.exists() and not path.is_dir():
@@ -116,30 +151,11 @@ class RunFolder:
             recorded = (read_options or dict)(saved.get("options", {}))
             changed = differences({"script": saved.get("script"), **recorded}, {"script": script, **options})
             conflict = f"holds the output of another {saved.get('script')} run ({'; '.join(changed)})" if changed else None
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            lock_fd = cls._lock(path, flag)
-        except OSError as exc:
-            raise UserError(f"cannot write to {flag} {path}: {exc.strerror or exc}") from None
-        folder = cls(path, saved or {}, lock_fd)
-        try:
-            if conflict and not folder.holds_output():  # a run that failed before writing left nothing to lose
-                conflict, saved = None, None
-            if conflict:
-                if not overwrite:
-                    raise UserError(f"{flag} {path} {conflict}; {continue_hint}, pass --overwrite to delete that "
-                                    f"output, or choose a new {flag}")
-                folder.clear()
-                saved = None
-            folder.fresh = saved is None and resume is None
-            if saved is None:
-                run_id = (resume[0] if resume else None) or new_run_id()
-                folder.manifest = {"script": script, "run_id": run_id, "options": options}
-                atomic_save_text(folder.owner_file("json"), json.dumps(folder.manifest, indent=1) + "\n")
-        except BaseException:
-            folder.release()
-            raise
-        return folder
+        # A run that failed before writing anything left nothing to lose.
+        if conflict and not overwrite and any(os.path.lexists(path / r) for r in logged_output(path)):
+            raise UserError(f"{flag} {path} {conflict}; {continue_hint}, pass --overwrite to delete that output, "
+                            f"or choose a new {flag}")
+        return saved, conflict
 
     @classmethod
     def join(cls, path):
@@ -174,8 +190,7 @@ class RunFolder:
         return self.path / f"{OWNER_PREFIX}{suffix}"
 
     def _read_log(self):
-        log = self.owner_file("written")
-        return log.read_text().splitlines() if log.is_file() else []
+        return logged_output(self.path)
 
     def check_write(self, path):
         """Called by utils.atomic_write: a write under this folder must not pass through a

@@ -51,7 +51,7 @@ from gan import generate, load_generator, prepare_batch
 from report import to_uint8_image, triplet_grid
 from runtime import autocast_context, barrier, distributed, resolve_precision
 from tiling import generate_tiled, generate_whole
-from run_folder import RunFolder, check_apart, input_paths, manifest_options
+from run_folder import RunFolder, input_paths, manifest_options
 from utils import UserError, atomic_copy, file_sha256, atomic_save_png, inside, resolve_wandb_mode, run_main
 
 
@@ -141,13 +141,13 @@ def claim_outputs(args, options, info, held):
     """Claim every output folder for these options (run_folder.RunFolder) on the main
     process, then join them on the others; `held` (an ExitStack) releases them."""
     folders = output_folders(args)
+    claim = dict(script="test.py", options=options, inputs=input_paths(args), overwrite=args.overwrite,
+                 continue_hint="give the same options and checkpoint to continue it")
     for flag, folder in folders.items():  # every folder checked before any is claimed
-        check_apart(folder, input_paths(args), flag)
+        RunFolder.check(folder, flag=flag, **claim)
     if info.is_main:
         for flag, folder in folders.items():
-            held.enter_context(RunFolder.claim(
-                folder, "test.py", options, inputs=input_paths(args), overwrite=args.overwrite, flag=flag,
-                continue_hint="give the same options and checkpoint to continue it"))
+            held.enter_context(RunFolder.claim(folder, flag=flag, **claim))
     barrier()
     if not info.is_main:
         for folder in folders.values():

@@ -164,3 +164,26 @@ def test_a_few_steps_on_real_lizard_tiles_lower_l1():
     for _ in range(14):
         last = gan_train_step(Networks(g, d, opt_g, opt_d, *scalers), mask, real, step_cfg)[2].item()
     assert last < 0.7 * first, (first, last)
+
+
+def test_a_shared_tiles_dir_is_not_reused_across_checkpoints(conic_run, conic_128, run_script, tmp_path):
+    """Run-folder case 7: the per-patch tiles of one checkpoint are never assembled into another's folder.
+    Also case 20: test.py takes the dataset from the checkpoint (no --dataset)."""
+    last = conic_run.joinpath(*CKPT)
+    other = tmp_path / "other.pt"
+    state = load(last)
+    state["step"] += 1
+    torch.save(state, other)
+    tiles = tmp_path / "shared_tiles"
+
+    def paint(checkpoint, out):
+        return run_script("test.py", "--checkpoint", checkpoint, "--out-dir", tmp_path / out, "--tiles-dir", tiles,
+                          "--device", "cpu", "--precision", "fp32", "--grids", 0)
+
+    first = paint(last, "a")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "a" / "images.npy").is_file()
+    before = {p.name: p.read_bytes() for p in tiles.glob("*.png")}
+    second = paint(other, "b")
+    assert second.returncode == 2 and "--tiles-dir" in second.stderr and "checkpoint_sha256" in second.stderr
+    assert {p.name: p.read_bytes() for p in tiles.glob("*.png")} == before and not (tmp_path / "b").exists()

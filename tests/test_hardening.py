@@ -482,3 +482,163 @@ def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130(capsys):
         interrupted()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+# --------------------------------------------------------------------------- 9. one owner per output folder
+# The cases of the run-folder issue, by number; run_folder.py itself is tested in test_run_folder.py.
+
+def last_bytes(run):
+    return (run / "checkpoints" / "last.pt").read_bytes()
+
+
+def test_case_3_resume_into_a_folder_of_another_run_is_refused(tmp_path, pannuke_folds, train_in_process, capsys,
+                                                               one_thread):
+    folds = dict(train_folds=(3,), test_folds=(3,))
+    a, b = tmp_path / "A", tmp_path / "B"
+    for run in (a, b):
+        train_in_process(train_in_process.argv(pannuke_folds, run, **folds))
+    before = last_bytes(b)
+    argv = train_in_process.argv(pannuke_folds, b, "--resume", a / "checkpoints" / "last.pt", epochs=2, **folds)
+    line = main_error(train_in_process, argv, capsys)
+    assert "holds another run" in line and str(b) in line
+    assert last_bytes(b) == before
+    # Into a new folder the resumed run goes on, under its own run id.
+    train_in_process(train_in_process.argv(pannuke_folds, tmp_path / "C", "--resume", a / "checkpoints" / "last.pt",
+                                           epochs=2, **folds))
+    run_id = torch.load(a / "checkpoints" / "last.pt", weights_only=True)["run_id"]
+    assert run_id and torch.load(tmp_path / "C" / "checkpoints" / "last.pt", weights_only=True)["run_id"] == run_id
+
+
+def test_case_4_a_second_run_into_a_busy_folder_names_the_first(tmp_path, pannuke_folds, run_script, train_in_process,
+                                                               capsys):
+    from conftest import sigterm_when
+    out = tmp_path / "run"
+    argv = train_in_process.argv(pannuke_folds, out, "--save-every-steps", 1, epochs=1000, batch_size=1,
+                                 train_folds=(3,), test_folds=(3,))
+    proc = run_script.start("train_pannuke.py", *argv)
+    lines = []
+
+    def refused_while_running():
+        if not (out / "checkpoints" / "last.pt").is_file():
+            return False
+        lines.append(main_error(train_in_process, argv, capsys))
+        return True
+
+    _, _, err = sigterm_when(proc, refused_while_running, "the first run's first checkpoint")
+    assert proc.returncode == 143, err
+    assert f"in use by another run (pid {proc.pid})" in lines[0]
+
+
+@needs_utp
+def test_case_5_test_csv_linked_to_the_input_is_one_line_and_never_written_through(
+        test_script, utp_copy, trained_checkpoint, tmp_path, capsys, one_thread):
+    data_dir, masks_dir = utp_copy
+    out = tmp_path / "out"
+    argv = utp_argv(trained_checkpoint, data_dir, masks_dir, out, "--grids", 0)
+    test_script.main(argv)
+    source = data_dir / "test.csv"
+    original = source.read_bytes()
+    (out / "test.csv").unlink()
+    (out / "test.csv").symlink_to(source)
+    line = main_error(test_script.main, argv, capsys)
+    assert "symbolic link" in line and str(out / "test.csv") in line
+    # --overwrite deletes the link (the run's own entry), never what it points at.
+    test_script.main(argv + ["--overwrite"])
+    assert source.read_bytes() == original
+    assert not (out / "test.csv").is_symlink() and (out / "test.csv").read_bytes() == original
+
+
+def test_case_8_overwrite_with_fewer_folds_leaves_no_old_image(test_script, trained_checkpoint, pannuke_folds,
+                                                              tmp_path, one_thread):
+    out = tmp_path / "synthetic"
+    test_script.main(generate_argv(trained_checkpoint, pannuke_folds, out, "--test-folds", 1, 3, "--grids", 0))
+    assert any(p.name.startswith("fold1_") for p in out.glob("*.png"))
+    test_script.main(generate_argv(trained_checkpoint, pannuke_folds, out, "--test-folds", 3, "--grids", 0,
+                                   "--overwrite"))
+    assert {p.name.split("_")[0] for p in out.glob("*.png")} == {"fold3"}
+
+
+@pytest.mark.parametrize("change", [["--seed", "5"], ["--norm-mode", "train"]])
+def test_case_9_another_seed_or_norm_mode_keeps_no_old_image(change, test_script, trained_checkpoint, pannuke_folds,
+                                                             tmp_path, capsys, one_thread):
+    out = tmp_path / "synthetic"
+    argv = generate_argv(trained_checkpoint, pannuke_folds, out, "--grids", 0)
+    test_script.main(argv)
+    before = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    line = main_error(test_script.main, argv + change, capsys)
+    assert f"{change[0][2:].replace('-', '_')} " in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == before
+
+
+@pytest.mark.parametrize("flags,needle", [(["--batch-size", "-1"], "--batch-size must be at least 1"),
+                                          (["--batch-size", "0"], "--batch-size must be at least 1"),
+                                          (["--seed", "-1"], "--seed must be at least 0")])
+def test_case_10_impossible_test_py_options_write_nothing(flags, needle, test_script, trained_checkpoint,
+                                                          pannuke_folds, tmp_path, capsys):
+    line = main_error(test_script.main, generate_argv(trained_checkpoint, pannuke_folds, tmp_path / "out", *flags),
+                      capsys)
+    assert needle in line and not (tmp_path / "out").exists()
+
+
+def test_case_17_a_full_disk_while_copying_is_one_line(tmp_path, monkeypatch):
+    source, target = tmp_path / "test.csv", tmp_path / "out" / "test.csv"
+    source.write_text("image_id\n")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(utils.shutil, "copyfileobj", full)
+    with pytest.raises(UserError) as err:
+        utils.atomic_copy(source, target)
+    assert str(err.value) == f"no space left on device writing {target}"
+    assert not target.exists() and not list(target.parent.iterdir())
+
+
+@needs_utp
+@pytest.mark.parametrize("script", ["test.py", "make_masks.py", "evaluate.py", "classify_utp.py"])
+def test_case_18_out_dir_naming_a_file_is_one_line(script, utp_copy, trained_checkpoint, tmp_path, run_script):
+    data_dir, masks_dir = utp_copy
+    out = tmp_path / "a_file"
+    out.write_text("not a folder")
+    argv = {"test.py": utp_argv(trained_checkpoint, data_dir, masks_dir, out),
+            "make_masks.py": ["--checkpoint", segmenter_checkpoint(tmp_path / "seg.pt"), "--data-dir", data_dir,
+                              "--out-dir", out, "--splits", "test", "--device", "cpu"],
+            "evaluate.py": ["--real", data_dir, "--fake", data_dir, "--out-dir", out, "--device", "cpu"],
+            "classify_utp.py": ["--data-dir", data_dir, "--out-dir", out, "--device", "cpu", "--wandb", "disabled"],
+            }[script]
+    res = run_script(script, *argv)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    line = error_line(res.stderr)
+    assert str(out) in line and "is a file" in line
+    assert out.read_text() == "not a folder"
+
+
+def test_case_20_ctrl_c_in_test_py_is_one_line_and_status_130(test_script, trained_checkpoint, pannuke_folds,
+                                                             tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(test_script.WRITERS, "pannuke", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        test_script.main(generate_argv(trained_checkpoint, pannuke_folds, tmp_path / "out"))
+    assert exit_info.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+@needs_utp
+def test_case_2_make_masks_never_writes_through_a_link_nor_into_the_data(utp_copy, tmp_path, capsys, one_thread):
+    import make_masks
+    data_dir, masks_dir = utp_copy
+    out = tmp_path / "made"
+    argv = ["--checkpoint", segmenter_checkpoint(tmp_path / "seg.pt"), "--data-dir", data_dir, "--out-dir", out,
+            "--splits", "test", "--tile", "128", "--overlap", "32", "--device", "cpu", "--precision", "fp32",
+            "--workers", "0"]
+    make_masks.main(list(map(str, argv)))
+    inputs = {p: p.read_bytes() for p in data_dir.parent.rglob("*") if p.is_file()}
+    shutil.rmtree(out / "test" / "masks")
+    (out / "test" / "masks").symlink_to(masks_dir / "test" / "masks")
+    for extra in ([], ["--overwrite"]):
+        line = main_error(make_masks.main, argv + extra, capsys)
+        assert "symbolic link" in line and str(out / "test" / "masks") in line
+    inside_data = argv[:5] + [data_dir / "masks_here"] + argv[6:]
+    assert "inside --data-dir" in main_error(make_masks.main, inside_data, capsys)
+    assert {p: p.read_bytes() for p in data_dir.parent.rglob("*") if p.is_file()} == inputs

@@ -341,6 +341,18 @@ def test_bad_data_and_out_dirs_are_one_line(smoke, tiny_conic, tmp_path, capsys)
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_case_1_a_data_folder_inside_the_study_folder_is_refused_and_kept(tiny_conic, tmp_path, capsys):
+    out = tmp_path / "S"
+    shutil.copytree(tiny_conic, out / "conic")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exit_info:
+            study.main(smoke_argv(out / "conic", out, *extra))
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "inside --out-dir" in err and err.count("\n") == 1, err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_overwrite_replaces_a_study_but_never_other_files(tmp_path):
     old, data = tmp_path / "S", tmp_path / "data"
     args = SimpleNamespace(out_dir=str(old), data_dir=str(data), overwrite=False)
