@@ -62,19 +62,24 @@ def open_fold(data_dir, k):
 SAMPLE_ITEMS = 16  # patches per fold whose values are checked at start-up (all with check_data)
 
 
+def check_patch(image, mask, paths, i):
+    """UserError naming the file and patch i when its values are unusable: NaN or infinite, images
+    outside 0..255, negative mask ids. A min/max/finite check, cheap enough for every read."""
+    if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
+        raise UserError(f"{paths['images']}: patch {i} has pixel values outside 0..255 (NaN, infinite or out of "
+                        f"range); PanNuke images hold 0..255")
+    if not np.isfinite(mask).all() or mask.min() < 0:
+        raise UserError(f"{paths['masks']}: patch {i} has NaN, infinite or negative mask values; expected "
+                        f"instance ids >= 0 and a 0/1 background channel")
+
+
 def check_fold_values(images, masks, paths, indices):
-    """Pixel and mask values of the patches `indices`: finite, images in 0..255 (and
-    not scaled to 0..1, which would train on black), mask ids non-negative. The error
-    names the file and the first bad patch."""
+    """Pixel and mask values of the patches `indices` (check_patch), and images not scaled to
+    0..1, which would train on black. The error names the file and the first bad patch."""
     brightest = 0.0
     for i in indices:
-        image, mask = np.asarray(images[i]), np.asarray(masks[i])
-        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
-            raise UserError(f"{paths['images']}: patch {i} has pixel values outside 0..255 (NaN, infinite or out of "
-                            f"range); PanNuke images hold 0..255")
-        if not np.isfinite(mask).all() or mask.min() < 0:
-            raise UserError(f"{paths['masks']}: patch {i} has NaN, infinite or negative mask values; expected "
-                            f"instance ids >= 0 and a 0/1 background channel")
+        image = np.asarray(images[i])
+        check_patch(image, np.asarray(masks[i]), paths, i)
         brightest = max(brightest, float(image.max()))
     if len(indices) and brightest <= 1.0:
         raise UserError(f"{paths['images']}: pixel values stay within 0..1 (at most {brightest:g} in the checked "
@@ -120,7 +125,7 @@ class PanNukeFolds(torch.utils.data.Dataset):
             check_fold_values(images, masks, paths, sample_indices(keep, check_data))
             self.index += [(len(self.folds), int(i)) for i in keep]
             self.names += [f"fold{k}_{int(i):05d}" for i in keep]
-            self.folds.append((images, masks))
+            self.folds.append((images, masks, paths))
         self.augment = SeededAugmentation(joint_augmentation()) if augment else None
 
     def __len__(self):
@@ -129,9 +134,15 @@ class PanNukeFolds(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = split_item(item)
         fold, i = self.index[index]
-        images, masks = self.folds[fold]
-        image = np.clip(np.asarray(images[i]), 0, 255).astype(np.uint8)
-        labels = pannuke_to_labels(masks[i])
+        images, masks, paths = self.folds[fold]
+        # The start-up check saw a sample only: a bad patch elsewhere must not be clipped silently.
+        image, mask = np.asarray(images[i]), np.asarray(masks[i])
+        check_patch(image, mask, paths, i)
+        if image.max() <= 1.0:
+            raise UserError(f"{paths['images']}: patch {i} holds pixel values within 0..1 (at most "
+                            f"{float(image.max()):g}); PanNuke images hold 0..255: multiply by 255 first")
+        image = image.astype(np.uint8)
+        labels = pannuke_to_labels(mask)
         if self.augment:
             image, labels = self.augment(image, labels, seed)
         return to_item(image, labels)
