@@ -44,3 +44,27 @@ def test_pannuke_mask_outside_startup_sample_is_checked_on_read(tmp_path, pannuk
     with pytest.raises(UserError, match="patch 1 has NaN") as err:
         PanNukeFolds(tmp_path, [1], "Colon")[1]
     assert str(files.masks) in str(err.value)
+
+
+# --------------------------------------------------------------------------- UniToPatho CSV
+
+UTP_HEADER = ",image_id,top_label_name,top_label,type_name,type,grade_name,grade,wsi,roi,mpp,x,y,w,h\n"
+
+
+def _utp_row(index, name, label="TA.HG", codes="2,TA,2,HG,1"):
+    """One row of the official UniToPatho 800 CSV (an unnamed index column first; names with commas quoted)."""
+    return f'{index},"{name}",{label},{codes},CASO 10,12,0.44,61530,11677,1812,1812\n'
+
+
+def test_utp_duplicate_image_id_names_csv_and_both_lines(tmp_path):
+    """Masks are stored by image_id: a second row with the same image_id would overwrite the first's mask."""
+    from dataset.unitopatho import read_split
+    dup = "TA.HG CASO 10 - 2019-03-04 09.24.36.ndpi_ROI__mpp0.44_reg012_crop_sk00053_(61530,11677,1812,1812).png"
+    rows = [_utp_row(0, dup), _utp_row(1, "other_(1,2,1812,1812).png"),
+            _utp_row(2, dup, label="HP", codes="0,HP,0,,-1")]
+    (tmp_path / "train.csv").write_text(UTP_HEADER + "".join(rows))
+    with pytest.raises(UserError) as err:
+        read_split(tmp_path, "train")
+    message = str(err.value)
+    assert str(tmp_path / "train.csv") in message and dup in message
+    assert "lines 2 and 4" in message and "\n" not in message
