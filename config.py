@@ -56,8 +56,8 @@ SEGMENTER_EPOCHS = 50
 SEGMENTER_BATCH_SIZE = 16
 SEGMENTER_LR = 1e-3
 SEGMENTER_WIDTH = 32
-SEGMENTER_RUN_OPTIONS = ("dataset", "train_folds", "tissue", "test_fraction", "split_file", "label_set", "encoder", "width",
-                         "batch_size", "lr", "seed")
+SEGMENTER_RUN_OPTIONS = ("dataset", "train_folds", "tissue", "test_fraction", "split_file", "allow_overlap", "label_set",
+                         "encoder", "width", "batch_size", "lr", "seed")
 SEGMENTATION_TILE = 512        # segmenter tile side at the model's resolution (make_masks.py, evaluate.py)
 SEGMENTATION_OVERLAP = 64
 SEGMENTATION_BATCH_SIZE = 8
@@ -344,7 +344,7 @@ def fill_legacy(record, model=True):
 # Options that define a run. On --resume, those not given on the command line are
 # taken from the checkpoint, so the resumed run goes on training the same way.
 DATA_RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
-                    "split_file", "test_fraction", "label_set", "seed")
+                    "split_file", "allow_overlap", "test_fraction", "label_set", "seed")
 RUN_OPTIONS = DATA_RUN_OPTIONS + tuple(option.name for option in GAN_OPTIONS)
 
 
@@ -376,6 +376,12 @@ def add_wandb_args(g, project=WANDB_PROJECT):
     g.add_argument("--wandb-project", default=project)
     g.add_argument("--wandb-entity", default=None)
     g.add_argument("--run-name", default=None, help="wandb run name")
+
+
+def add_allow_overlap_arg(g):
+    g.add_argument("--allow-overlap", action="store_true",
+                   help="accept training and test data that share a PanNuke fold or, in a split file, a source "
+                        "image (a warning instead of an error); test scores then flatter the model")
 
 
 def add_pannuke_data_args(p, test_folds_help):
@@ -415,6 +421,7 @@ def add_utp_training_data_args(p):
 def add_pannuke_training_data_args(p):
     p.set_defaults(dataset="pannuke")  # recorded in the checkpoint, for test.py
     g = add_pannuke_data_args(p, "folds for the sample grids (and test.py)")
+    add_allow_overlap_arg(g)
     g.add_argument("--check-data", action="store_true",
                    help="check every patch's pixel and mask values at start-up (default: a sample of each fold)")
     g.add_argument("--demo", action="store_true",
@@ -461,6 +468,7 @@ def add_conic_training_data_args(p):
     g.add_argument("--data-dir", default=CONIC_DIR,
                    help="CoNIC release folder: images.npy, labels.npy, patch_info.csv (counts.csv optional)")
     add_conic_split_args(g)
+    add_allow_overlap_arg(g)
     g.add_argument("--label-set", default="conic", choices=["conic", "pannuke"],
                    help="classes the generator is conditioned on: CoNIC's 6 nucleus types, or mapped to "
                         "PanNuke's (to paint UniToPatho masks drawn in the PanNuke palette)")
@@ -482,6 +490,7 @@ def add_folder_training_data_args(p):
     g.add_argument("--split-file", default=None,
                    help="a CSV with columns name,split (train/test) to use instead of DATA_DIR/split.csv or a "
                         "seeded split by source")
+    add_allow_overlap_arg(g)
     g.add_argument("--check-data", action="store_true",
                    help="check every mask's values at start-up (default: a sample; each mask is also checked "
                         "when read)")

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
+from dataset.common import (SeededAugmentation, check_overlap, joint_augmentation, load_npy, read_rgb, split_item,
+                            to_item)
 from dataset.masks import NUM_CLASSES, PANNUKE, pannuke_to_labels
 from utils import UserError
 
@@ -188,11 +189,22 @@ class PanNukeConverted(torch.utils.data.Dataset):
 
 
 def is_converted_layout(data_dir):
-    return (Path(data_dir) / "train" / "data").is_dir()
+    """Whether `data_dir` is read as the converted layout: train/data/ and no official 'Fold 1'."""
+    return (Path(data_dir) / "train" / "data").is_dir() and not (Path(data_dir) / "Fold 1").exists()
+
+
+def check_fold_overlap(data_dir, train_folds, test_folds, allow_overlap=False):
+    """The training and test folds must differ (allow_overlap: warn instead); the converted layout's
+    train/ and test/ ignore the folds."""
+    shared = sorted(set(train_folds) & set(test_folds))
+    if shared and not is_converted_layout(data_dir):
+        check_overlap(f"--train-folds {' '.join(map(str, train_folds))} and --test-folds "
+                      f"{' '.join(map(str, test_folds))} share fold {', '.join(map(str, shared))}",
+                      "different folds on each side", allow_overlap)
 
 
 def build_pannuke(data_dir, folds, tissue, augment, split, check_data=False):
     """Official folds when present; the converted layout's `split` otherwise."""
-    if is_converted_layout(data_dir) and not (Path(data_dir) / "Fold 1").exists():
+    if is_converted_layout(data_dir):
         return PanNukeConverted(data_dir, split, augment=augment)
     return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment, check_data=check_data)

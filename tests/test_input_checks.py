@@ -68,3 +68,107 @@ def test_utp_duplicate_image_id_names_csv_and_both_lines(tmp_path):
     message = str(err.value)
     assert str(tmp_path / "train.csv") in message and dup in message
     assert "lines 2 and 4" in message and "\n" not in message
+
+
+# --------------------------------------------------------------------------- train/test overlap
+
+def _error_line(capsys, call):
+    """Run `call` (an entry point's main): it must exit 2 with one `error: ...` line and nothing else on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def _warning_lines(capsys):
+    return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
+
+
+def _training_cfg(add_data_args, *argv):
+    import config
+    return config.training_parser("test data", add_data_args, "runs/x").parse_args([str(a) for a in argv])
+
+
+def test_pannuke_train_and_test_folds_sharing_a_fold_are_refused(tmp_path, pannuke_folds, train_in_process, capsys):
+    argv = train_in_process.argv(pannuke_folds, tmp_path / "run", train_folds=(1, 2), test_folds=(2, 3))
+    line = _error_line(capsys, lambda: train_in_process([a for a in argv if a != "--allow-overlap"]))
+    assert "--train-folds 1 2" in line and "--test-folds 2 3" in line and "fold 2" in line
+    assert "--allow-overlap" in line
+
+
+def test_pannuke_allow_overlap_warns_once(tmp_path, pannuke_folds, capsys):
+    import train_pannuke
+    from config import add_pannuke_training_data_args
+    cfg = _training_cfg(add_pannuke_training_data_args, "--data-dir", pannuke_folds, "--train-folds", 1, 2,
+                        "--test-folds", 2, 3, "--allow-overlap")
+    train_pannuke.build_datasets(cfg)
+    warnings = _warning_lines(capsys)
+    assert len(warnings) == 1 and "fold 2" in warnings[0], warnings
+
+
+def test_segmenter_folds_sharing_a_fold_are_refused(tmp_path, pannuke_folds, capsys):
+    import train_segmenter
+    argv = ["--data-dir", pannuke_folds, "--out-dir", tmp_path / "run", "--train-folds", 3, "--test-folds", 3,
+            "--epochs", 1, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
+    line = _error_line(capsys, lambda: train_segmenter.main(list(map(str, argv))))
+    assert "--train-folds 3" in line and "--test-folds 3" in line and "--allow-overlap" in line
+
+
+def _conic_split(tmp_path):
+    """A tiny CoNIC folder and a split file putting crag_10's patches on both sides."""
+    from conic_fixtures import NAMES, make_conic
+    make_conic(tmp_path / "conic")
+    sides = {name: "test" if name.startswith(("glas_3", "crag_10__64_")) else "train" for name in NAMES}
+    split = tmp_path / "split.csv"
+    split.write_text("patch_info,split\n" + "".join(f"{n},{s}\n" for n, s in sides.items()))
+    return tmp_path / "conic", split
+
+
+def test_conic_split_file_with_a_source_on_both_sides_is_refused(tmp_path, train_conic_in_process, capsys):
+    data, split = _conic_split(tmp_path)
+    argv = ["--data-dir", data, "--split-file", split, "--out-dir", tmp_path / "run", "--epochs", 1, "--ngf", 8,
+            "--ndf", 8, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
+    line = _error_line(capsys, lambda: train_conic_in_process(argv))
+    assert str(split) in line and "'crag_10'" in line and "--allow-overlap" in line
+
+
+def test_conic_split_file_overlap_allowed_warns_once(tmp_path, capsys):
+    from config import add_conic_training_data_args
+    from dataset.conic import gan_datasets
+    data, split = _conic_split(tmp_path)
+    gan_datasets(_training_cfg(add_conic_training_data_args, "--data-dir", data, "--split-file", split,
+                               "--out-dir", tmp_path, "--allow-overlap"))
+    warnings = _warning_lines(capsys)
+    assert len(warnings) == 1 and "'crag_10'" in warnings[0] and str(split) in warnings[0], warnings
+
+
+def test_segmenter_conic_split_file_overlap_is_refused(tmp_path, capsys):
+    import train_segmenter
+    data, split = _conic_split(tmp_path)
+    argv = ["--dataset", "conic", "--data-dir", data, "--split-file", split, "--out-dir", tmp_path / "run",
+            "--epochs", 1, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
+    line = _error_line(capsys, lambda: train_segmenter.main(list(map(str, argv))))
+    assert str(split) in line and "'crag_10'" in line
+
+
+def test_folder_split_file_with_a_source_on_both_sides_is_refused(tmp_path, capsys):
+    """A folder's own D/split.csv is read when --split-file is not given: slide 'a' is on both sides."""
+    import train_folder
+    from PIL import Image
+    root = tmp_path / "folder"
+    for sub in ("images", "masks"):
+        (root / sub).mkdir(parents=True)
+    for name in ("a_00", "a_01", "b_00"):
+        labels = np.zeros((64, 64), np.uint8)
+        labels[8:20, 8:20] = 1
+        Image.fromarray(np.where(labels[..., None] == 1, (60, 20, 110), (235, 200, 225)).astype(np.uint8)).save(
+            root / "images" / f"{name}.png")
+        Image.fromarray(labels).save(root / "masks" / f"{name}.png")
+    (root / "split.csv").write_text("name,split\na_00,train\nb_00,train\na_01,test\n")
+    argv = ["--data-dir", root, "--crop-size", 64, "--out-dir", tmp_path / "run", "--epochs", 1, "--ngf", 8,
+            "--ndf", 8, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
+    line = _error_line(capsys, lambda: train_folder.main(list(map(str, argv))))
+    assert str(root / "split.csv") in line and "'a'" in line and "--allow-overlap" in line
