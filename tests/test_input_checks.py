@@ -172,3 +172,106 @@ def test_folder_split_file_with_a_source_on_both_sides_is_refused(tmp_path, caps
             "--ndf", 8, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
     line = _error_line(capsys, lambda: train_folder.main(list(map(str, argv))))
     assert str(root / "split.csv") in line and "'a'" in line and "--allow-overlap" in line
+
+
+# --------------------------------------------------------------------------- wandb server that never answers
+
+@pytest.fixture
+def silent_server(monkeypatch, tmp_path):
+    """A wandb account and WANDB_BASE_URL pointing at a loopback server that accepts TCP connections
+    (the kernel's backlog) but never answers; no other address may be reached."""
+    import socket
+    real = socket.create_connection
+
+    def loopback_only(address, *args, **kwargs):
+        assert address[0] in ("127.0.0.1", "localhost", "::1"), f"test tried to reach {address}"
+        return real(address, *args, **kwargs)
+    monkeypatch.setattr(socket, "create_connection", loopback_only)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        port = server.getsockname()[1]
+        monkeypatch.setenv("WANDB_API_KEY", "k")
+        monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        yield port
+
+
+def test_wandb_server_that_accepts_but_never_answers_falls_back_within_the_timeout(silent_server, capsys):
+    import time
+
+    import utils
+    start = time.monotonic()
+    assert utils.resolve_wandb_mode("auto") == "offline"
+    assert time.monotonic() - start < utils.WANDB_TIMEOUT + 2
+    notice = capsys.readouterr().err.strip()
+    assert "\n" not in notice and f"127.0.0.1:{silent_server}" in notice and "offline" in notice
+    start = time.monotonic()
+    with pytest.raises(UserError) as err:
+        utils.resolve_wandb_mode("online")
+    assert time.monotonic() - start < utils.WANDB_TIMEOUT + 2
+    assert "\n" not in str(err.value) and "--wandb offline" in str(err.value)
+
+
+def test_wandb_name_lookup_that_hangs_is_bounded(monkeypatch):
+    import socket
+    import time
+
+    import utils
+
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(30)
+        raise socket.gaierror("too late")
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_lookup)
+    start = time.monotonic()
+    assert not utils.wandb_reachable("wandb.example.org", 443, True, timeout=1)
+    assert time.monotonic() - start < 3
+
+
+def test_wandb_server_that_answers_is_reachable():
+    """Any HTTP answer counts (here a 401, as a wandb server gives without credentials)."""
+    import http.server
+    import threading
+
+    import utils
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert utils.wandb_reachable("127.0.0.1", server.server_port, False, timeout=2)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_wandb_invalid_api_key_is_one_line(monkeypatch, tmp_path):
+    """wandb.init's own errors (wandb 0.31 raises AuthenticationError for a malformed key and CommError
+    for a key the server refuses) become one line."""
+    import logging
+    from types import SimpleNamespace
+
+    import wandb
+
+    import runtime
+
+    def refused(**kwargs):
+        raise wandb.errors.AuthenticationError("WANDB_API_KEY invalid: API key must have 40+ characters,\nhas 1.")
+    monkeypatch.setattr(wandb, "init", refused)
+    args = SimpleNamespace(wandb="offline", wandb_project="p", wandb_entity=None, run_name=None, out_dir=str(tmp_path))
+    telemetry = logging.getLogger("opentelemetry")
+    level = telemetry.level
+    try:
+        with pytest.raises(UserError) as err:
+            runtime.init_wandb(args)
+        assert telemetry.getEffectiveLevel() > logging.ERROR, "wandb's telemetry would log its refused uploads at exit"
+    finally:
+        telemetry.setLevel(level)
+    message = str(err.value)
+    assert "\n" not in message and "API key must have 40+ characters, has 1" in message and "wandb" in message
