@@ -448,10 +448,12 @@ def add_segmentation_args(g, batch_flag="--batch-size"):
 
 
 def check_segmentation_args(args):
+    """make_masks.py's and evaluate.py's segmentation options and --seed, before any work."""
     if args.reference and not args.stain_normalize:
         raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
-    if args.source_mpp <= 0 or (args.model_mpp is not None and args.model_mpp <= 0):
-        raise UserError("--source-mpp and --model-mpp must be positive")
+    batch = "tile_batch_size" if hasattr(args, "tile_batch_size") else "batch_size"  # evaluate.py's flag, or make_masks.py's
+    check_option_ranges(args, {"tile": 1, "overlap": 0, batch: 1, "seed": 0},
+                        positive=("source_mpp",) + (() if args.model_mpp is None else ("model_mpp",)))
 
 
 def add_conic_split_args(g):
@@ -601,7 +603,7 @@ def check_epochs_left(cfg, resume):
 def check_training_config(cfg):
     """The GAN scripts' options, before any work starts."""
     check_gan_options(cfg)
-    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0}
+    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0, "seed": 0}
     check_option_ranges(cfg, {**at_least, **({"crops_per_image": 1} if hasattr(cfg, "crops_per_image") else {})},
                         positive=("dist_timeout",))
 

@@ -205,7 +205,7 @@ def train(args, resume, info, device, channels_last, stop, run_id):
 def main(argv=None):
     args, resume = config.settle_config(parser(), argv, lambda path: read_segmenter_checkpoint(path, RESUME_KEYS),
                                         config.SEGMENTER_RUN_OPTIONS, log=main_process_log)
-    config.check_option_ranges(args, {"epochs": 1, "batch_size": 1, "width": 1, "save_every_steps": 0},
+    config.check_option_ranges(args, {"epochs": 1, "batch_size": 1, "width": 1, "save_every_steps": 0, "seed": 0},
                                positive=("lr",))
     config.check_epochs_left(args, resume)
     with distributed(args.device, channels_last=args.channels_last) as (info, device, channels_last), \

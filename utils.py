@@ -261,7 +261,11 @@ def load_checkpoint_of_kind(path, kind, required=(), version=1):
         if found in CHECKPOINT_KINDS:
             raise UserError(f"{path} is {CHECKPOINT_KINDS[found]} (kind {found!r}), not {expected}")
         raise UserError(f"{path} is not {expected}; it has kind {found!r}")
-    if ckpt.get("version", 1) > version:
+    found_version = ckpt.get("version", 1)
+    if isinstance(found_version, bool) or not isinstance(found_version, int) or found_version < 1:
+        raise UserError(f"{path} has checkpoint format version {found_version!r}; expected a whole number (this code "
+                        f"reads formats up to {version}): a hand-edited or damaged checkpoint?")
+    if found_version > version:
         raise UserError(f"{path} was written by a newer version of this project (checkpoint format "
                         f"{ckpt['version']}, this code reads up to {version}); update the code to load it")
     missing = [key for key in required if key not in ckpt]

@@ -275,3 +275,79 @@ def test_wandb_invalid_api_key_is_one_line(monkeypatch, tmp_path):
         telemetry.setLevel(level)
     message = str(err.value)
     assert "\n" not in message and "API key must have 40+ characters, has 1" in message and "wandb" in message
+
+
+# --------------------------------------------------------------------------- option values and checkpoints
+
+def _main_error(main, argv, capsys):
+    return _error_line(capsys, lambda: main([str(a) for a in argv]))
+
+
+@pytest.fixture(scope="module")
+def make_masks_main():
+    import make_masks
+    return make_masks.main
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+], ids=["seed", "batch-size"])
+def test_test_py_option_values_are_one_line(tmp_path, test_script, capsys, flags, needle):
+    argv = ["--checkpoint", tmp_path / "never_read.pt", "--out-dir", tmp_path / "out", "--device", "cpu", *flags]
+    assert needle in _main_error(test_script.main, argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--model-mpp", "nan"], "--model-mpp must be a finite number"),
+    (["--source-mpp", "inf"], "--source-mpp must be a finite number"),
+    (["--tile", "0"], "--tile must be at least 1"),
+], ids=["seed", "batch-size", "model-mpp-nan", "source-mpp-inf", "tile"])
+def test_make_masks_option_values_are_one_line(tmp_path, make_masks_main, capsys, flags, needle):
+    argv = ["--checkpoint", tmp_path / "never_read.pt", "--data-dir", tmp_path, "--out-dir", tmp_path / "out",
+            "--device", "cpu", *flags]
+    assert needle in _main_error(make_masks_main, argv, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--unet-depth", "20"], "--unet-depth"),
+], ids=["seed", "unet-depth"])
+def test_training_option_values_are_one_line(tmp_path, pannuke_folds, train_in_process, capsys, flags, needle):
+    out = tmp_path / "run"
+    line = _error_line(capsys, lambda: train_in_process(train_in_process.argv(pannuke_folds, out, *flags)))
+    assert needle in line
+
+
+def test_segmenter_infinite_lr_is_one_line(tmp_path, pannuke_folds, capsys):
+    import train_segmenter
+    argv = ["--data-dir", pannuke_folds, "--out-dir", tmp_path / "run", "--lr", "inf", "--device", "cpu"]
+    assert "--lr must be a finite number" in _main_error(train_segmenter.main, argv, capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_classifier_on_a_csv_without_rows_is_one_line(tmp_path, capsys):
+    import classify_utp
+    data = tmp_path / "800"
+    data.mkdir()
+    (data / "train.csv").write_text(UTP_HEADER)
+    (data / "test.csv").write_text(UTP_HEADER)
+    argv = ["--data-dir", data, "--out-dir", tmp_path / "run", "--epochs", 1, "--device", "cpu", "--workers", 0,
+            "--wandb", "disabled"]
+    line = _main_error(classify_utp.main, argv, capsys)
+    assert str(data / "train.csv") in line and "no rows" in line
+
+
+@pytest.mark.parametrize("kind, script", [("he-pix2pix", "test.py"), ("he-segmenter", "make_masks.py")])
+def test_checkpoint_with_a_text_version_is_one_line(tmp_path, test_script, make_masks_main, capsys, kind, script):
+    import torch
+    path = tmp_path / "text_version.pt"
+    torch.save({"kind": kind, "version": "2"}, path)
+    main = test_script.main if script == "test.py" else make_masks_main
+    argv = ["--checkpoint", path, "--data-dir", tmp_path, "--out-dir", tmp_path / "out", "--device", "cpu"]
+    line = _main_error(main, argv, capsys)
+    assert str(path) in line and "version" in line and "'2'" in line
