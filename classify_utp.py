@@ -167,6 +167,11 @@ def load_splits(args):
     grade_only = args.target == "grade"
     real = UniToPatho(args.data_dir, "train", args.target, grade_only=grade_only)
     test = UniToPatho(args.data_dir, "test", args.target, grade_only=grade_only)
+    for split in (real, test):
+        if not len(split):
+            graded = " with a dysplasia grade (--target grade skips HP and NORM)" if grade_only else ""
+            raise UserError(f"{split.data_dir / f'{split.split}.csv'}: no rows{graded}; expected at least one image "
+                            f"to {'train on' if split is real else 'score'}")
     if not args.synthetic_dir:
         return real, None, test
     synthetic_dir = Path(args.synthetic_dir)
@@ -360,7 +365,7 @@ def main(argv=None):
                                         log=main_process_log)
     if args.epochs < 1 or args.batch_size < 1 or args.image_size < 32:
         raise UserError("--epochs and --batch-size must be at least 1 and --image-size at least 32")
-    config.check_option_ranges(args, {"save_every_steps": 0}, positive=("lr",))
+    config.check_option_ranges(args, {"save_every_steps": 0, "seed": 0}, positive=("lr",))
     config.check_epochs_left(args, resume)
     with distributed(args.device, args.dist_timeout, args.channels_last) as (info, device, channels_last), \
             StopRequest() as stop:

@@ -56,8 +56,8 @@ SEGMENTER_EPOCHS = 50
 SEGMENTER_BATCH_SIZE = 16
 SEGMENTER_LR = 1e-3
 SEGMENTER_WIDTH = 32
-SEGMENTER_RUN_OPTIONS = ("dataset", "train_folds", "tissue", "test_fraction", "split_file", "label_set", "encoder", "width",
-                         "batch_size", "lr", "seed")
+SEGMENTER_RUN_OPTIONS = ("dataset", "train_folds", "tissue", "test_fraction", "split_file", "allow_overlap", "label_set",
+                         "encoder", "width", "batch_size", "lr", "seed")
 SEGMENTATION_TILE = 512        # segmenter tile side at the model's resolution (make_masks.py, evaluate.py)
 SEGMENTATION_OVERLAP = 64
 SEGMENTATION_BATCH_SIZE = 8
@@ -344,7 +344,7 @@ def fill_legacy(record, model=True):
 # Options that define a run. On --resume, those not given on the command line are
 # taken from the checkpoint, so the resumed run goes on training the same way.
 DATA_RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
-                    "split_file", "test_fraction", "label_set", "seed")
+                    "split_file", "allow_overlap", "test_fraction", "label_set", "seed")
 RUN_OPTIONS = DATA_RUN_OPTIONS + tuple(option.name for option in GAN_OPTIONS)
 
 
@@ -376,6 +376,12 @@ def add_wandb_args(g, project=WANDB_PROJECT):
     g.add_argument("--wandb-project", default=project)
     g.add_argument("--wandb-entity", default=None)
     g.add_argument("--run-name", default=None, help="wandb run name")
+
+
+def add_allow_overlap_arg(g):
+    g.add_argument("--allow-overlap", action="store_true",
+                   help="accept training and test data that share a PanNuke fold or, in a split file, a source "
+                        "image (a warning instead of an error); test scores then flatter the model")
 
 
 def add_pannuke_data_args(p, test_folds_help):
@@ -415,6 +421,7 @@ def add_utp_training_data_args(p):
 def add_pannuke_training_data_args(p):
     p.set_defaults(dataset="pannuke")  # recorded in the checkpoint, for test.py
     g = add_pannuke_data_args(p, "folds for the sample grids (and test.py)")
+    add_allow_overlap_arg(g)
     g.add_argument("--check-data", action="store_true",
                    help="check every patch's pixel and mask values at start-up (default: a sample of each fold)")
     g.add_argument("--demo", action="store_true",
@@ -441,10 +448,12 @@ def add_segmentation_args(g, batch_flag="--batch-size"):
 
 
 def check_segmentation_args(args):
+    """make_masks.py's and evaluate.py's segmentation options and --seed, before any work."""
     if args.reference and not args.stain_normalize:
         raise UserError("--reference is the stain-normalisation target: add --stain-normalize")
-    if args.source_mpp <= 0 or (args.model_mpp is not None and args.model_mpp <= 0):
-        raise UserError("--source-mpp and --model-mpp must be positive")
+    batch = "tile_batch_size" if hasattr(args, "tile_batch_size") else "batch_size"  # evaluate.py's flag, or make_masks.py's
+    check_option_ranges(args, {"tile": 1, "overlap": 0, batch: 1, "seed": 0},
+                        positive=("source_mpp",) + (() if args.model_mpp is None else ("model_mpp",)))
 
 
 def add_conic_split_args(g):
@@ -461,6 +470,7 @@ def add_conic_training_data_args(p):
     g.add_argument("--data-dir", default=CONIC_DIR,
                    help="CoNIC release folder: images.npy, labels.npy, patch_info.csv (counts.csv optional)")
     add_conic_split_args(g)
+    add_allow_overlap_arg(g)
     g.add_argument("--label-set", default="conic", choices=["conic", "pannuke"],
                    help="classes the generator is conditioned on: CoNIC's 6 nucleus types, or mapped to "
                         "PanNuke's (to paint UniToPatho masks drawn in the PanNuke palette)")
@@ -482,6 +492,7 @@ def add_folder_training_data_args(p):
     g.add_argument("--split-file", default=None,
                    help="a CSV with columns name,split (train/test) to use instead of DATA_DIR/split.csv or a "
                         "seeded split by source")
+    add_allow_overlap_arg(g)
     g.add_argument("--check-data", action="store_true",
                    help="check every mask's values at start-up (default: a sample; each mask is also checked "
                         "when read)")
@@ -592,7 +603,7 @@ def check_epochs_left(cfg, resume):
 def check_training_config(cfg):
     """The GAN scripts' options, before any work starts."""
     check_gan_options(cfg)
-    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0}
+    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0, "seed": 0}
     check_option_ranges(cfg, {**at_least, **({"crops_per_image": 1} if hasattr(cfg, "crops_per_image") else {})},
                         positive=("dist_timeout",))
 

@@ -48,6 +48,10 @@ def model_config(cfg, labels, tile):
         depth = cfg.unet_depth or depth_for_tile(tile)
     except ValueError as exc:
         raise UserError(f"{cfg.data_dir}: {exc}") from None
+    if tile % 2 ** depth:  # each level halves the tile
+        deepest = (tile & -tile).bit_length() - 1
+        raise UserError(f"--unet-depth {depth} needs training tiles that are a multiple of {2 ** depth} px; "
+                        f"{cfg.data_dir}'s are {tile} px (at most --unet-depth {deepest})")
     values = {**gan_values(cfg, ("networks",)), "unet_depth": depth}
     return {"label_set": label_set_spec(labels),
             **{o.name: values[o.name] for o in GAN_OPTIONS if o.model and o.applies(values)}}

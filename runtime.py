@@ -8,6 +8,7 @@ LOCAL_RANK / WORLD_SIZE from the environment when they are there.
 """
 import contextlib
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,8 +174,14 @@ def init_wandb(args, run_id=None):
         return None
     import wandb
     os.environ.setdefault("WANDB_SILENT", "true")
-    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.run_name, id=run_id,
-                     resume="allow" if run_id else None, dir=str(args.out_dir), mode=mode, config=vars(args))
+    try:
+        run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.run_name, id=run_id,
+                         resume="allow" if run_id else None, dir=str(args.out_dir), mode=mode, config=vars(args))
+    except wandb.errors.CommError as exc:  # AuthenticationError too: a malformed or refused API key
+        # wandb's telemetry exporter would log its own refused uploads at exit, after the one error line.
+        logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
+        raise UserError(f"wandb {mode}: {' '.join(str(exc).split())} (check WANDB_API_KEY or `wandb login`, "
+                        f"or use --wandb offline)") from None
     later = " (upload later with `wandb sync`)" if mode == "offline" else ""
     print(f"wandb: {mode} run {run.id} in {run.dir}{later}")
     return run

@@ -21,7 +21,7 @@ from utils import run_main
 
 def build_datasets(cfg):
     folder = open_folder(cfg.data_dir, check_data=cfg.check_data)
-    train_idx, test_idx = split_folder(folder, cfg.split_file, cfg.test_fraction, cfg.seed)
+    train_idx, test_idx = split_folder(folder, cfg.split_file, cfg.test_fraction, cfg.seed, cfg.allow_overlap)
     train_set = FolderTiles(folder, train_idx, cfg.crop_size, augment=True)
     test_set = FolderTiles(folder, test_idx, cfg.crop_size)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -7,7 +7,7 @@
 import os
 
 from config import add_pannuke_training_data_args
-from dataset.pannuke import build_pannuke, fold_paths
+from dataset.pannuke import build_pannuke, check_fold_overlap, fold_paths
 from demo import write_demo_folds
 from train_utils import train_main
 from utils import run_main
@@ -16,6 +16,7 @@ from utils import run_main
 def build_datasets(args):
     if args.demo:
         prepare_demo(args.data_dir)
+    check_fold_overlap(args.data_dir, args.train_folds, args.test_folds, args.allow_overlap)
     train_set = build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train",
                               check_data=args.check_data)
     sample_set = build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test")

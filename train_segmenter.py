@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 import config
-from dataset.conic import build_conic
-from dataset.pannuke import build_pannuke
+from dataset.conic import build_conic, check_split_overlap
+from dataset.pannuke import build_pannuke, check_fold_overlap
 from loop import Loop, StopRequest
 from metrics import confusion_matrix, format_mask_table, mask_scores
 from runtime import (SeededSampler, autocast_context, distributed, init_wandb, load_model_state,
@@ -47,7 +47,7 @@ from utils import UserError, atomic_save_text, run_main, seed_everything
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=config.HelpFormatter)
     p.add_argument("--dataset", default="pannuke", choices=list(DATASETS), help="what --data-dir holds")
-    config.add_pannuke_data_args(p, "folds scored after every epoch")
+    config.add_allow_overlap_arg(config.add_pannuke_data_args(p, "folds scored after every epoch"))
     g = p.add_argument_group("data (CoNIC, with --dataset conic)")
     config.add_conic_split_args(g)
     g.add_argument("--label-set", default="conic", choices=["conic", "pannuke"],
@@ -92,6 +92,7 @@ def evaluate(model, loader, device, autocast, channels_last, num_classes):
 
 
 def pannuke_datasets(args):
+    check_fold_overlap(args.data_dir, args.train_folds, args.test_folds, args.allow_overlap)
     return (build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train"),
             build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test"))
 
@@ -99,7 +100,11 @@ def pannuke_datasets(args):
 def conic_datasets(args):
     split = dict(seed=args.seed, test_fraction=args.test_fraction, split_file=args.split_file,
                  label_set=args.label_set)
-    return (build_conic(args.data_dir, "train", augment=True, **split), build_conic(args.data_dir, "test", **split))
+    train_set = build_conic(args.data_dir, "train", augment=True, **split)
+    test_set = build_conic(args.data_dir, "test", **split)
+    if args.split_file is not None:
+        check_split_overlap(args.split_file, train_set.all_names, train_set.indices, test_set.indices, args.allow_overlap)
+    return train_set, test_set
 
 
 # --dataset: (train and test sets, um per pixel of the data)
@@ -200,7 +205,7 @@ def train(args, resume, info, device, channels_last, stop, run_id):
 def main(argv=None):
     args, resume = config.settle_config(parser(), argv, lambda path: read_segmenter_checkpoint(path, RESUME_KEYS),
                                         config.SEGMENTER_RUN_OPTIONS, log=main_process_log)
-    config.check_option_ranges(args, {"epochs": 1, "batch_size": 1, "width": 1, "save_every_steps": 0},
+    config.check_option_ranges(args, {"epochs": 1, "batch_size": 1, "width": 1, "save_every_steps": 0, "seed": 0},
                                positive=("lr",))
     config.check_epochs_left(args, resume)
     with distributed(args.device, channels_last=args.channels_last) as (info, device, channels_last), \

@@ -5,12 +5,14 @@ import contextlib
 import errno
 import functools
 import hashlib
+import http.client
 import os
 import random
 import shutil
-import socket
+import ssl
 import sys
 import tempfile
+import threading
 import urllib.parse
 from pathlib import Path
 
@@ -259,7 +261,11 @@ def load_checkpoint_of_kind(path, kind, required=(), version=1):
         if found in CHECKPOINT_KINDS:
             raise UserError(f"{path} is {CHECKPOINT_KINDS[found]} (kind {found!r}), not {expected}")
         raise UserError(f"{path} is not {expected}; it has kind {found!r}")
-    if ckpt.get("version", 1) > version:
+    found_version = ckpt.get("version", 1)
+    if isinstance(found_version, bool) or not isinstance(found_version, int) or found_version < 1:
+        raise UserError(f"{path} has checkpoint format version {found_version!r}; expected a whole number (this code "
+                        f"reads formats up to {version}): a hand-edited or damaged checkpoint?")
+    if found_version > version:
         raise UserError(f"{path} was written by a newer version of this project (checkpoint format "
                         f"{ckpt['version']}, this code reads up to {version}); update the code to load it")
     missing = [key for key in required if key not in ckpt]
@@ -313,24 +319,41 @@ WANDB_TIMEOUT = 3  # seconds to wait for the wandb server before logging offline
 
 
 def wandb_server():
-    """(host, port) of the wandb server: WANDB_BASE_URL's, else api.wandb.ai:443."""
+    """(host, port, tls) of the wandb server: WANDB_BASE_URL's, else api.wandb.ai:443 over TLS."""
     url = urllib.parse.urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
     try:
         port = url.port or (80 if url.scheme == "http" else 443)
     except ValueError:  # a malformed port: unreachable
         port = 0
-    return url.hostname or "", port
+    return url.hostname or "", port, url.scheme != "http"
 
 
-def wandb_reachable(host, port, timeout=WANDB_TIMEOUT):
-    """Whether a TCP connection to the server opens within `timeout` seconds."""
+def wandb_reachable(host, port, tls, timeout=WANDB_TIMEOUT):
+    """Whether the server answers an HTTP request within `timeout` seconds in all: name lookup,
+    connection, TLS handshake and the first response line. A server that accepts the connection
+    but never answers would otherwise stall wandb.init for minutes. The request runs in a daemon
+    thread, as a name lookup cannot be given a timeout."""
     if not host or not port:
         return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except (OSError, ValueError):
-        return False
+    answered = threading.Event()
+
+    def probe():
+        connection = None
+        try:
+            connection = (http.client.HTTPSConnection if tls else http.client.HTTPConnection)(host, port, timeout=timeout)
+            connection.request("HEAD", "/")
+            connection.getresponse()
+            answered.set()
+        except ssl.SSLCertVerificationError:
+            answered.set()  # it answered; wandb.init judges the certificate with its own trust store
+        except (OSError, http.client.HTTPException, ValueError):
+            pass
+        finally:
+            if connection is not None:
+                connection.close()
+
+    threading.Thread(target=probe, name="wandb-reachable", daemon=True).start()
+    return answered.wait(timeout)
 
 
 def resolve_wandb_mode(mode):
@@ -343,8 +366,8 @@ def resolve_wandb_mode(mode):
             raise UserError("wandb online needs an account: set WANDB_API_KEY or run `wandb login` "
                             "(or use --wandb offline)")
         return "offline"
-    host, port = wandb_server()
-    if wandb_reachable(host, port):
+    host, port, tls = wandb_server()
+    if wandb_reachable(host, port, tls):
         return "online"
     unreachable = f"the wandb server {host}:{port} did not answer within {WANDB_TIMEOUT} s"
     if mode == "online":

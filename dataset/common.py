@@ -8,12 +8,24 @@ from (run seed, epoch, index), so an item's augmentation does not depend on the
 worker count, the number of processes, or whether the run was resumed. Plain
 indexing (`dataset[i]`) gives no seed and no augmentation.
 """
+import os
+
 import albumentations as A
 import numpy as np
 import torch
 from PIL import Image
 
 from utils import UserError
+
+
+def check_overlap(problem, expected, allow_overlap):
+    """A train/test split that shares data (`problem` says what): a UserError, or with --allow-overlap one
+    warning line, from the first process of a torchrun job only."""
+    if not allow_overlap:
+        raise UserError(f"{problem}; expected {expected}, or give --allow-overlap to train anyway")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {problem}: test scores will be measured partly on training data (--allow-overlap)",
+              flush=True)
 
 
 def split_item(item):

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
+from dataset.common import (SeededAugmentation, check_overlap, joint_augmentation, load_npy, read_rgb, split_item,
+                            to_item)
 from dataset.masks import CONIC, CONIC_TO_PANNUKE, get_label_set
 from utils import UserError, atomic_save_npy, atomic_save_text
 
@@ -213,6 +214,19 @@ def read_split_file(path, names, column="patch_info", listed_in="patch_info.csv"
     return (np.array(sorted(sides["train"]), dtype=np.int64), np.array(sorted(sides["test"]), dtype=np.int64))
 
 
+def check_split_overlap(path, names, train_idx, test_idx, allow_overlap=False, source=patch_source):
+    """A split file must keep each source image (`source(name)`) on one side: its patches are
+    near-duplicates. With allow_overlap, one warning line instead of the UserError."""
+    test_patch = {source(names[i]): names[i] for i in test_idx}
+    both = [(names[i], test_patch[source(names[i])]) for i in train_idx if source(names[i]) in test_patch]
+    if both:
+        train_name, test_name = both[0]
+        count = len({source(name) for name, _ in both})
+        check_overlap(f"split file {path} puts {count} source image(s) on both sides, e.g. {source(train_name)!r} "
+                      f"(train patch {train_name!r}, test patch {test_name!r})",
+                      "each source image's patches all on one side", allow_overlap)
+
+
 class CoNIC(torch.utils.data.Dataset):
     """The patches `indices` (all by default) of a CoNIC folder, memory-mapped.
 
@@ -298,6 +312,8 @@ def gan_datasets(cfg):
     split = dict(seed=cfg.seed, test_fraction=cfg.test_fraction, split_file=cfg.split_file, label_set=cfg.label_set)
     train_set = build_conic(cfg.data_dir, "train", augment=True, check_data=cfg.check_data, **split)
     test_set = build_conic(cfg.data_dir, "test", **split)
+    if cfg.split_file is not None:
+        check_split_overlap(cfg.split_file, train_set.all_names, train_set.indices, test_set.indices, cfg.allow_overlap)
     if int(os.environ.get("RANK", 0)) == 0:
         write_split_file(Path(cfg.out_dir) / "split.csv", train_set.all_names, train_set.indices, test_set.indices)
     shown = test_set.indices[most_nuclei_first(test_set.classes(i) for i in range(len(test_set)))]

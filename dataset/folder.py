@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 
 from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
-from dataset.conic import patch_source, read_split_file, split_by_source
+from dataset.conic import check_split_overlap, patch_source, read_split_file, split_by_source
 from dataset.masks import LabelSet, label_set_from_record, rgb_to_labels
 from utils import UserError, atomic_save_text
 
@@ -290,14 +290,19 @@ def open_folder(data_dir, label_set=None, masks_only=False, check_data=False):
     return Folder(data_dir, names, image_paths, mask_paths, instances, sizes, label_set, inferred)
 
 
-def split_folder(folder, split_file=None, test_fraction=0.2, seed=0):
+def split_folder(folder, split_file=None, test_fraction=0.2, seed=0, allow_overlap=None):
     """(train_indices, test_indices) into folder.names: from split_file, else D/split.csv
-    when present, else split_by_source(names, test_fraction, seed, tile_source)."""
+    when present, else split_by_source(names, test_fraction, seed, tile_source). A training
+    run passes allow_overlap (True or False) to have a split file checked for a source on both
+    sides (dataset.conic.check_split_overlap)."""
     if split_file is None and (folder.data_dir / "split.csv").is_file():
         split_file = folder.data_dir / "split.csv"
-    if split_file is not None:
-        return read_split_file(split_file, folder.names, column="name", listed_in=f"{folder.data_dir}/masks")
-    return split_by_source(folder.names, test_fraction=test_fraction, seed=seed, source=tile_source)
+    if split_file is None:
+        return split_by_source(folder.names, test_fraction=test_fraction, seed=seed, source=tile_source)
+    train_idx, test_idx = read_split_file(split_file, folder.names, column="name", listed_in=f"{folder.data_dir}/masks")
+    if allow_overlap is not None:
+        check_split_overlap(split_file, folder.names, train_idx, test_idx, allow_overlap, source=tile_source)
+    return train_idx, test_idx
 
 
 class FolderTiles(torch.utils.data.Dataset):

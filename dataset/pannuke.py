@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset.common import SeededAugmentation, joint_augmentation, load_npy, read_rgb, split_item, to_item
+from dataset.common import (SeededAugmentation, check_overlap, joint_augmentation, load_npy, read_rgb, split_item,
+                            to_item)
 from dataset.masks import NUM_CLASSES, PANNUKE, pannuke_to_labels
 from utils import UserError
 
@@ -62,19 +63,24 @@ def open_fold(data_dir, k):
 SAMPLE_ITEMS = 16  # patches per fold whose values are checked at start-up (all with check_data)
 
 
+def check_patch(image, mask, paths, i):
+    """UserError naming the file and patch i when its values are unusable: NaN or infinite, images
+    outside 0..255, negative mask ids. A min/max/finite check, cheap enough for every read."""
+    if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
+        raise UserError(f"{paths['images']}: patch {i} has pixel values outside 0..255 (NaN, infinite or out of "
+                        f"range); PanNuke images hold 0..255")
+    if not np.isfinite(mask).all() or mask.min() < 0:
+        raise UserError(f"{paths['masks']}: patch {i} has NaN, infinite or negative mask values; expected "
+                        f"instance ids >= 0 and a 0/1 background channel")
+
+
 def check_fold_values(images, masks, paths, indices):
-    """Pixel and mask values of the patches `indices`: finite, images in 0..255 (and
-    not scaled to 0..1, which would train on black), mask ids non-negative. The error
-    names the file and the first bad patch."""
+    """Pixel and mask values of the patches `indices` (check_patch), and images not scaled to
+    0..1, which would train on black. The error names the file and the first bad patch."""
     brightest = 0.0
     for i in indices:
-        image, mask = np.asarray(images[i]), np.asarray(masks[i])
-        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 255:
-            raise UserError(f"{paths['images']}: patch {i} has pixel values outside 0..255 (NaN, infinite or out of "
-                            f"range); PanNuke images hold 0..255")
-        if not np.isfinite(mask).all() or mask.min() < 0:
-            raise UserError(f"{paths['masks']}: patch {i} has NaN, infinite or negative mask values; expected "
-                            f"instance ids >= 0 and a 0/1 background channel")
+        image = np.asarray(images[i])
+        check_patch(image, np.asarray(masks[i]), paths, i)
         brightest = max(brightest, float(image.max()))
     if len(indices) and brightest <= 1.0:
         raise UserError(f"{paths['images']}: pixel values stay within 0..1 (at most {brightest:g} in the checked "
@@ -120,7 +126,7 @@ class PanNukeFolds(torch.utils.data.Dataset):
             check_fold_values(images, masks, paths, sample_indices(keep, check_data))
             self.index += [(len(self.folds), int(i)) for i in keep]
             self.names += [f"fold{k}_{int(i):05d}" for i in keep]
-            self.folds.append((images, masks))
+            self.folds.append((images, masks, paths))
         self.augment = SeededAugmentation(joint_augmentation()) if augment else None
 
     def __len__(self):
@@ -129,9 +135,15 @@ class PanNukeFolds(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = split_item(item)
         fold, i = self.index[index]
-        images, masks = self.folds[fold]
-        image = np.clip(np.asarray(images[i]), 0, 255).astype(np.uint8)
-        labels = pannuke_to_labels(masks[i])
+        images, masks, paths = self.folds[fold]
+        # The start-up check saw a sample only: a bad patch elsewhere must not be clipped silently.
+        image, mask = np.asarray(images[i]), np.asarray(masks[i])
+        check_patch(image, mask, paths, i)
+        if image.max() <= 1.0:
+            raise UserError(f"{paths['images']}: patch {i} holds pixel values within 0..1 (at most "
+                            f"{float(image.max()):g}); PanNuke images hold 0..255: multiply by 255 first")
+        image = image.astype(np.uint8)
+        labels = pannuke_to_labels(mask)
         if self.augment:
             image, labels = self.augment(image, labels, seed)
         return to_item(image, labels)
@@ -177,11 +189,22 @@ class PanNukeConverted(torch.utils.data.Dataset):
 
 
 def is_converted_layout(data_dir):
-    return (Path(data_dir) / "train" / "data").is_dir()
+    """Whether `data_dir` is read as the converted layout: train/data/ and no official 'Fold 1'."""
+    return (Path(data_dir) / "train" / "data").is_dir() and not (Path(data_dir) / "Fold 1").exists()
+
+
+def check_fold_overlap(data_dir, train_folds, test_folds, allow_overlap=False):
+    """The training and test folds must differ (allow_overlap: warn instead); the converted layout's
+    train/ and test/ ignore the folds."""
+    shared = sorted(set(train_folds) & set(test_folds))
+    if shared and not is_converted_layout(data_dir):
+        check_overlap(f"--train-folds {' '.join(map(str, train_folds))} and --test-folds "
+                      f"{' '.join(map(str, test_folds))} share fold {', '.join(map(str, shared))}",
+                      "different folds on each side", allow_overlap)
 
 
 def build_pannuke(data_dir, folds, tissue, augment, split, check_data=False):
     """Official folds when present; the converted layout's `split` otherwise."""
-    if is_converted_layout(data_dir) and not (Path(data_dir) / "Fold 1").exists():
+    if is_converted_layout(data_dir):
         return PanNukeConverted(data_dir, split, augment=augment)
     return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment, check_data=check_data)

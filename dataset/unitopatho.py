@@ -70,14 +70,20 @@ def plain_file_name(name):
 
 def check_path_columns(rows, path):
     """top_label_name and image_id become paths (D/<top_label_name>/<image_id>, and the same
-    under output folders): only the six class folders and plain file names may pass."""
+    under output folders): only the six class folders and plain file names may pass, each
+    image_id once, since masks are stored by image_id alone and one would overwrite another."""
     labels = CLASSES["top_label"]
+    seen = {}
     for line, label, name in zip(range(2, len(rows) + 2), rows["top_label_name"], rows["image_id"]):  # 1: header
         if label not in labels:
             raise UserError(f"{path}, line {line}: top_label_name {label!r} is not one of {', '.join(labels)}")
         if not plain_file_name(name):
             raise UserError(f"{path}, line {line}: image_id {name!r} is not a plain file name (expected a name "
                             f"like 'x.png' with no '/', '\\', '..' or absolute path)")
+        if name in seen:
+            raise UserError(f"{path}: image_id {name!r} appears twice (lines {seen[name]} and {line}); "
+                            f"expected each image once")
+        seen[name] = line
 
 
 def missing_files_error(paths, what, where):

@@ -220,9 +220,11 @@ def preserved_signal_handlers():
 
 
 def tiny_train_argv(data_dir, out_dir, *extra, epochs=1, batch_size=2, train_folds=(1, 2), test_folds=(3,)):
-    """Arguments for a small, deterministic train_pannuke.py run on CPU."""
+    """Arguments for a small, deterministic train_pannuke.py run on CPU (with --allow-overlap when the
+    folds overlap: the one-step runs train and sample on fold 3)."""
+    overlap = ["--allow-overlap"] if set(train_folds) & set(test_folds) else []
     return ["--data-dir", str(data_dir), "--out-dir", str(out_dir),
-            "--train-folds", *map(str, train_folds), "--test-folds", *map(str, test_folds),
+            "--train-folds", *map(str, train_folds), "--test-folds", *map(str, test_folds), *overlap,
             "--epochs", str(epochs), "--batch-size", str(batch_size),
             "--ngf", "8", "--ndf", "8", "--workers", "0", "--precision", "fp32", "--device", "cpu",
             "--wandb", "disabled", "--num-samples", "1", "--save-every", "0", "--log-every", "1",

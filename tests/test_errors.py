@@ -13,7 +13,7 @@ CUDA = torch.cuda.is_available()
 
 def _tiny(data_dir, out_dir, *extra, folds=("1",)):
     return ["--data-dir", data_dir, "--out-dir", out_dir, "--train-folds", *folds, "--test-folds", folds[0],
-            "--ngf", "8", "--ndf", "8", "--epochs", "1", "--batch-size", "3", "--workers", "0",
+            "--allow-overlap", "--ngf", "8", "--ndf", "8", "--epochs", "1", "--batch-size", "3", "--workers", "0",
             "--precision", "fp32", "--device", "cpu", "--wandb", "disabled", "--num-samples", "1", *extra]
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -435,30 +436,38 @@ def wandb_key(monkeypatch, tmp_path, loopback_only):
 
 def test_wandb_auto_falls_back_to_offline_when_unreachable(wandb_key, monkeypatch, capsys):
     asked = []
-    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: asked.append((host, port)) or False)
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port, tls: asked.append((host, port)) or False)
     assert utils.resolve_wandb_mode("auto") == "offline"
     assert asked == [("api.wandb.ai", 443)]
     notice = capsys.readouterr().err.strip()
     assert "\n" not in notice and "api.wandb.ai:443" in notice and "offline" in notice
     monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example.org:8080")
     assert utils.resolve_wandb_mode("auto") == "offline" and asked[-1] == ("wandb.example.org", 8080)
-    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: True)
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port, tls: True)
     assert utils.resolve_wandb_mode("auto") == "online"
     assert utils.resolve_wandb_mode("disabled") == "disabled" and utils.resolve_wandb_mode("offline") == "offline"
 
 
 def test_wandb_online_without_key_or_network_is_one_line(wandb_key, monkeypatch, capsys):
-    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: False)
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port, tls: False)
     with pytest.raises(UserError) as err:
         utils.resolve_wandb_mode("online")
     assert "\n" not in str(err.value) and "api.wandb.ai:443" in str(err.value) and "--wandb offline" in str(err.value)
     monkeypatch.delenv("WANDB_API_KEY")
     asked = []
-    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: asked.append(host) or True)
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port, tls: asked.append(host) or True)
     with pytest.raises(UserError) as err:
         utils.resolve_wandb_mode("online")
     assert "\n" not in str(err.value) and "WANDB_API_KEY" in str(err.value)
     assert utils.resolve_wandb_mode("auto") == "offline" and not asked, "no account: no network check"
+
+
+def answer_once(server):
+    """Accept one connection and answer its request with an HTTP status line."""
+    connection, _ = server.accept()
+    with connection:
+        connection.recv(1024)
+        connection.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
 
 
 def test_wandb_reachability_check_on_loopback(loopback_only):
@@ -466,9 +475,12 @@ def test_wandb_reachability_check_on_loopback(loopback_only):
         server.bind(("127.0.0.1", 0))
         server.listen()
         port = server.getsockname()[1]
-        assert utils.wandb_reachable("127.0.0.1", port, timeout=1)
-    assert not utils.wandb_reachable("127.0.0.1", port, timeout=1)  # closed: refused at once
-    assert not utils.wandb_reachable("", 443)
+        answer = threading.Thread(target=answer_once, args=(server,), daemon=True)
+        answer.start()
+        assert utils.wandb_reachable("127.0.0.1", port, False, timeout=1)
+        answer.join()
+    assert not utils.wandb_reachable("127.0.0.1", port, False, timeout=1)  # closed: refused at once
+    assert not utils.wandb_reachable("", 443, True)
 
 
 def test_ctrl_c_outside_a_training_loop_is_one_line_and_status_130(capsys):

@@ -62,7 +62,7 @@ def test_segmenter_rerun_without_resume_is_refused(tmp_path, pannuke_folds, caps
     import train_segmenter
     out = tmp_path / "seg"
     argv = ["--data-dir", str(pannuke_folds), "--out-dir", str(out), "--train-folds", "3", "--test-folds", "3",
-            "--epochs", "1", "--batch-size", "2", "--width", "4", "--workers", "0", "--device", "cpu",
+            "--allow-overlap", "--epochs", "1", "--batch-size", "2", "--width", "4", "--workers", "0", "--device", "cpu",
             "--precision", "fp32"]
     train_segmenter.main(argv)
     last = out.joinpath(*CKPT)
@@ -153,7 +153,7 @@ def test_segmenter_and_classifier_log_to_wandb_like_the_gan_scripts():
 def test_segmenter_writes_an_offline_wandb_run(tmp_path, pannuke_folds, run_script):
     out = tmp_path / "seg"
     res = run_script("train_segmenter.py", "--data-dir", pannuke_folds, "--out-dir", out, "--train-folds", 3,
-                     "--test-folds", 3, "--epochs", 1, "--batch-size", 2, "--width", 4, "--workers", 0,
+                     "--test-folds", 3, "--allow-overlap", "--epochs", 1, "--batch-size", 2, "--width", 4, "--workers", 0,
                      "--device", "cpu", "--precision", "fp32", "--wandb", "offline")
     assert res.returncode == 0, res.stderr[-2000:]
     runs = list((out / "wandb").glob("offline-run-*"))

@@ -251,7 +251,7 @@ def test_sigterm_saves_exits_143_and_resumes(tmp_path, pannuke_folds, run_script
 # --------------------------------------------------------------------------- wandb, demo, help
 
 def test_wandb_auto_is_offline_without_credentials(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port: True)  # no network in tests
+    monkeypatch.setattr(utils, "wandb_reachable", lambda host, port, tls: True)  # no network in tests
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     assert utils.resolve_wandb_mode("auto") == "offline"
