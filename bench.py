@@ -4,9 +4,13 @@
     python bench.py --device cuda --batch-size 64     # one GPU (bf16 where supported)
     python bench.py --smoke                           # seconds: tiny widths and images
     python bench.py --json bench.json                 # also write every figure as JSON
+    python bench.py --batch-sizes 2 4 8 16 --profile  # batch scaling, and where the step's time goes
 
-Training is timed for two paths on the same batches from the project's PanNuke
-loader (PanNukeFolds with augmentation over folds written by write_demo_folds):
+Training is timed at 256 px (PanNuke's classes, as train_pannuke.py builds the networks;
+figures `train_*`) and at 128 px (CoNIC's classes, as train_conic.py and the study build
+them; figures `train128_*`), --tile picks one, for two paths on the same batches from the
+project's PanNuke loader (PanNukeFolds with augmentation over folds written by
+write_demo_folds; cut to 128 px for the smaller tile):
   baseline  the plain pix2pix loop (Persson's train_fn) in fp32: NCHW, plain Adam,
             D's weights also get gradients in the G step, `.item()` every step;
   default   what train_pannuke.py runs: train_utils.gan_train_step with precision
@@ -57,7 +61,10 @@ from tiling import generate_tiled, generate_whole
 from utils import run_main
 
 UTP_SIZE = 1812  # UniToPatho images are 1812 x 1812 px
-TILE = 256       # PanNuke's patches, which training is timed on
+# Training tiles timed, with the label set of the data that comes in that size: PanNuke's
+# 256-px patches (figures `train_*`) and CoNIC's 128-px tiles (figures `train128_*`).
+TILES = (256, 128)
+LABEL_SETS = {256: PANNUKE, 128: CONIC}
 
 
 def parse_args(argv=None):
@@ -76,6 +83,13 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="ngf/ndf 8, 2 steps, 1 repeat, small images, 1 thread unless --threads: "
                         "checks in seconds that everything runs")
+    p.add_argument("--tile", type=int, nargs="+", default=list(TILES), choices=TILES,
+                   help="training tiles to time: 256 (PanNuke patches, UniToPatho crops) and 128 (CoNIC tiles, "
+                        "what the study trains on), each with its data's label set")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                   help="also time the default path at each batch size (img/s and fraction of the matmul peak)")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the default step (torch.profiler) and print the 10 ops that take the most time")
     p.add_argument("--json", default=None, metavar="PATH", help="write all figures here as JSON")
     # The networks, losses and optimiser exactly as the training scripts take them (config.GAN_OPTIONS).
     add_gan_args(p)
@@ -86,8 +100,8 @@ def parse_args(argv=None):
         args.steps, args.warmup, args.repeats = 2, 1, 1
         # Tiny ops on a busy 2-core box stall on OpenMP hand-offs; one thread keeps it quick.
         args.threads = args.threads or 1
-    if args.batch_size < 2:
-        p.error("--batch-size must be at least 2 (BatchNorm at the 1 x 1 bottleneck needs two values)")
+    if min([args.batch_size, *(args.batch_sizes or [])]) < 2:
+        p.error("--batch-size and --batch-sizes must be at least 2 (BatchNorm at the 1 x 1 bottleneck needs two values)")
     args.gen_size = 300 if args.smoke else UTP_SIZE
     args.matmul_budget_s = 0.2 if args.smoke else 0.5
     return args
@@ -344,15 +358,26 @@ def measure_peaks(device, precision, budget_s, repeats):
 
 
 def training_model_config(args, tile):
-    """The model config train_pannuke.py records for these options on tiles of `tile` px."""
-    return gan.model_config(args, PANNUKE, tile)
+    """The model config the training script for `tile`-px data (train_pannuke.py at 256,
+    train_conic.py at 128) records for these options."""
+    return gan.model_config(args, LABEL_SETS[tile], tile)
 
 
-def measure_training(args, device, precision, batches, warmup):
-    """Time the baseline, the default path and any optional paths on `batches`.
-    Returns the figures and the default path (whose generator generation reuses)."""
+def figure_prefix(tile):
+    return "train" if tile == 256 else f"train{tile}"
+
+
+def crop_batches(batches, tile):
+    """The loader's batches cut to `tile` px (the top-left corner): timing needs real-format
+    class maps at that size, and PanNuke's classes are valid in CoNIC's label set."""
+    return [(labels[:, :tile, :tile], image[:, :, :tile, :tile]) for labels, image in batches]
+
+
+def measure_training(args, device, precision, batches, warmup, tile):
+    """Time the baseline, the default path and any optional paths on `batches` at `tile` px.
+    Returns the figures (prefixed per tile) and the default path (whose generator generation reuses)."""
     torch.manual_seed(0)
-    model_cfg = training_model_config(args, TILE)
+    model_cfg = training_model_config(args, tile)
     gen, disc = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
     step_cfg = tu.StepConfig(rt.autocast_context(device, precision), args)
     channels_last = rt.resolve_channels_last(None, device)  # the training scripts' default layout
@@ -369,23 +394,57 @@ def measure_training(args, device, precision, batches, warmup):
         paths.append(TrainPath("compiled", gen, disc, device, step_cfg, precision, compile=True, **optim))
     time_training(paths, batches, warmup, args.steps, interleave=device.type == "cpu")
 
+    prefix = figure_prefix(tile)
     baseline, default = paths[0], paths[1]
-    figures = {"train_gflop_per_img": default.flops_per_step / args.batch_size / 1e9,
-               "train_baseline_gflop_per_img": baseline.flops_per_step / args.batch_size / 1e9}
+    figures = {f"{prefix}_gflop_per_img": default.flops_per_step / args.batch_size / 1e9,
+               f"{prefix}_baseline_gflop_per_img": baseline.flops_per_step / args.batch_size / 1e9}
     base_rate = args.batch_size / baseline.timer.median()
     for path in paths:
         rate = args.batch_size / path.timer.median()
-        figures[f"train_{path.name}_img_s"] = rate
+        figures[f"{prefix}_{path.name}_img_s"] = rate
         if path is default:
-            figures["train_speedup_vs_fp32_baseline"] = rate / base_rate
+            figures[f"{prefix}_speedup_vs_fp32_baseline"] = rate / base_rate
         elif path is not baseline:
-            figures[f"train_{path.name}_speedup"] = rate / base_rate
+            figures[f"{prefix}_{path.name}_speedup"] = rate / base_rate
         # Each path's own FLOPs: the baseline's extra D weight gradients count as work done.
         flops = path.flops_per_step or default.flops_per_step
-        figures[f"train_{path.name}_gflops"] = flops / args.batch_size * rate / 1e9
+        figures[f"{prefix}_{path.name}_gflops"] = flops / args.batch_size * rate / 1e9
         if path.compiled:
-            figures[f"train_{path.name}_warmup_s"] = path.warmup_s
+            figures[f"{prefix}_{path.name}_warmup_s"] = path.warmup_s
     return figures, default
+
+
+def measure_batch_sizes(args, device, precision, dataset, workers, warmup, tile, peak):
+    """The default path's img/s and fraction of the matmul peak at each of --batch-sizes."""
+    torch.manual_seed(0)
+    model_cfg = training_model_config(args, tile)
+    gen, disc = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
+    step_cfg = tu.StepConfig(rt.autocast_context(device, precision), args)
+    figures = {}
+    for batch_size in args.batch_sizes:
+        batches = crop_batches(training_batches(dataset, batch_size, warmup + args.steps, workers, device), tile)
+        path = TrainPath("default", gen, disc, device, step_cfg, precision,
+                         channels_last=rt.resolve_channels_last(None, device), lr=args.lr, betas=(args.beta1, args.beta2))
+        time_training([path], batches, warmup, args.steps, interleave=False)
+        rate = batch_size / path.timer.median()
+        name = f"{figure_prefix(tile)}_batch{batch_size}"
+        figures[f"{name}_img_s"] = rate
+        figures[f"{name}_peak_fraction"] = path.flops_per_step / batch_size * rate / 1e9 / peak
+    return figures
+
+
+def profile_step(path, batches, top=10):
+    """The `top` ops by self time over a few default steps, with their share of the total."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if path.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for labels, image in batches:
+            path.step(labels, image)
+        sync(path.device)
+    attr = "self_device_time_total" if path.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    return [(e.key, getattr(e, attr) / total) for e in events[:top]]
 
 
 def measure_segmenter(args, device, precision, layout):
@@ -467,19 +526,27 @@ def bench(args):
         dataset = PanNukeFolds(Path(tmp) / "pannuke", [1, 2], tissue="Colon", augment=True)
         warmup = max(1, args.warmup)
         batches = training_batches(dataset, args.batch_size, warmup + args.steps, workers, device)
-        figures, default = measure_training(args, device, precision, batches, warmup)
-        results.update(figures)
-        results["train_default_peak_fraction"] = (results["train_default_gflops"]
-                                                  / results[f"matmul_peak_{precision}_gflops"])
+        default = None
+        for tile in args.tile:
+            figures, path = measure_training(args, device, precision, crop_batches(batches, tile), warmup, tile)
+            results.update(figures)
+            prefix, peak = figure_prefix(tile), results[f"matmul_peak_{precision}_gflops"]
+            results[f"{prefix}_default_peak_fraction"] = results[f"{prefix}_default_gflops"] / peak
+            if args.batch_sizes:
+                results.update(measure_batch_sizes(args, device, precision, dataset, workers, warmup, tile, peak))
+            if args.profile:
+                results[f"{prefix}_profile"] = profile_step(path, crop_batches(batches, tile)[:3])
+            default = path if tile == 256 or default is None else default
         labels = batches[0][0][0].numpy()  # a real-format class map, mirrored out to size
         results.update(measure_generation(rt.unwrap(default.gen), tile_to(labels, args.gen_size), device,
                                           default.step_cfg.autocast, args.repeats))
         results.update(measure_loaders(args, dataset, labels, workers, device, tmp))
     results.update(measure_segmenter(args, device, precision, rt.resolve_channels_last(None, device)))
-    # Each training image is one 256-px crop: above 1.0 the loader keeps up with training.
+    # Each training image is one crop of the first tile timed: above 1.0 the loader keeps up with training.
+    train_rate = results[f"{figure_prefix(args.tile[0])}_default_img_s"]
     for name, rate in (("pannuke", "loader_pannuke_img_s"), ("utp", "loader_utp_crops_s"),
                        ("utp_cached", "loader_utp_cached_crops_s")):
-        results[f"loader_{name}_vs_train"] = results[rate] / results["train_default_img_s"]
+        results[f"loader_{name}_vs_train"] = results[rate] / train_rate
     results["load_avg_end"] = load_average()
     return results
 
@@ -491,21 +558,36 @@ def format_value(key, value):
     return str(value)
 
 
-def print_table(r):
-    rows = [("training", "img/s", "GFLOP/s", "speedup")]
+def print_training(r, tile):
+    prefix = figure_prefix(tile)
+    print(f"\ntraining at {tile} px ({r['networks']}, {LABEL_SETS[tile].name} classes, batch {r['batch_size']})")
+    rows = [("", "img/s", "GFLOP/s", "speedup")]
     for name in ("baseline", "default", "default_nchw", "default_channels_last", "default_plain_adam", "compiled"):
-        if f"train_{name}_img_s" in r:
-            speedup = r.get("train_speedup_vs_fp32_baseline" if name == "default" else f"train_{name}_speedup", 1.0)
-            rows.append((f"  {name}", f"{r[f'train_{name}_img_s']:.3g}", f"{r[f'train_{name}_gflops']:.4g}",
+        if f"{prefix}_{name}_img_s" in r:
+            speedup = r.get(f"{prefix}_speedup_vs_fp32_baseline" if name == "default" else f"{prefix}_{name}_speedup",
+                            1.0)
+            rows.append((f"  {name}", f"{r[f'{prefix}_{name}_img_s']:.3g}", f"{r[f'{prefix}_{name}_gflops']:.4g}",
                          f"{speedup:.2f}x"))
-    print()
     for row in rows:
         print(f"{row[0]:<24}{row[1]:>10}{row[2]:>10}{row[3]:>10}")
-    print(f"FLOPs per image and step: {r['train_gflop_per_img']:.1f} G on the default path "
-          f"({r['train_baseline_gflop_per_img']:.1f} G on the baseline, whose G step also computes D's weight "
-          f"gradients); default path at {100 * r['train_default_peak_fraction']:.1f}% of the "
+    print(f"FLOPs per image and step: {r[f'{prefix}_gflop_per_img']:.1f} G on the default path "
+          f"({r[f'{prefix}_baseline_gflop_per_img']:.1f} G on the baseline, whose G step also computes D's weight "
+          f"gradients); default path at {100 * r[f'{prefix}_default_peak_fraction']:.1f}% of the "
           f"{r['precision']} matmul peak (fp32 {r['matmul_peak_fp32_gflops']:.4g}, "
           f"bf16 {r['matmul_peak_bf16_gflops']:.4g} GFLOP/s)")
+    sizes = sorted(int(k[len(prefix) + 6:-6]) for k in r if k.startswith(f"{prefix}_batch") and k.endswith("_img_s"))
+    if sizes:
+        print("  default path by batch: " + ", ".join(
+            f"{b}: {r[f'{prefix}_batch{b}_img_s']:.3g} img/s ({100 * r[f'{prefix}_batch{b}_peak_fraction']:.1f}% "
+            f"of peak)" for b in sizes))
+    for op, share in r.get(f"{prefix}_profile", []):
+        print(f"  {100 * share:5.1f}%  {op}")
+
+
+def print_table(r):
+    for tile in TILES:
+        if f"{figure_prefix(tile)}_default_img_s" in r:
+            print_training(r, tile)
     print(f"generation of {r['gen_image_px']} x {r['gen_image_px']} px: whole image {r['gen_whole_mpx_s']:.3g} MP/s, "
           f"256-px tiles (overlap 64) {r['gen_tiled_mpx_s']:.3g} MP/s")
     print(f"study segmenter step (width {r['segmenter_width']}, batch {r['segmenter_batch']}, 128 px): "
@@ -527,7 +609,8 @@ def main(argv=None):
     args = parse_args(argv)
     results = bench(args)
     for key, value in results.items():
-        print(f"{key}={format_value(key, value)}")
+        if not isinstance(value, list):  # the profiles are printed in the table
+            print(f"{key}={format_value(key, value)}")
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -22,6 +22,7 @@ import numpy as np
 
 from dataset.masks import BACKGROUND, NUM_CLASSES
 from dataset.pannuke import fold_paths
+from utils import atomic_save_npy
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
 UNANNOTATED = ("he_500.png", "he_512_1.png", "he_512_2.png")
@@ -103,9 +104,7 @@ def write_demo_folds(root, patches_per_fold=PATCHES_PER_FOLD, seed=0):
         while len(crops) < count:
             crops.append(random_crop(*sources[len(crops) % len(sources)], rng))
         paths = fold_paths(root, k)
-        for path in paths.values():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(paths["images"], np.stack([image for image, _ in crops]))
-        np.save(paths["masks"], np.stack([mask for _, mask in crops]))
-        np.save(paths["types"], np.array(["Colon"] * count))
+        atomic_save_npy(np.stack([image for image, _ in crops]), paths["images"])
+        atomic_save_npy(np.stack([mask for _, mask in crops]), paths["masks"])
+        atomic_save_npy(np.array(["Colon"] * count), paths["types"])
     return Path(root)

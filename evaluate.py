@@ -370,13 +370,13 @@ def main(argv=None):
             raise UserError(f"--run-dir {args.run_dir} has no loss_curves.png (train_*.py writes it after each epoch)")
     masks_dir = Path(args.masks) if args.masks else None
     pairs, unmatched = match_pairs(Path(args.real), Path(args.fake), masks_dir)
-    net, extractor = inception_or_none(args.inception_weights)
-    device = resolve_device(args.device)
-    args.channels_last = resolve_channels_last(args.channels_last, device)
-    workers = loader_workers(args.workers, device)
     out_dir = Path(args.out_dir)
     with RunFolder.claim(out_dir, "evaluate.py", manifest_options(args), inputs=input_paths(args),
                          overwrite=args.overwrite):
+        net, extractor = inception_or_none(args.inception_weights)
+        device = resolve_device(args.device)
+        args.channels_last = resolve_channels_last(args.channels_last, device)
+        workers = loader_workers(args.workers, device)
         write_evaluation(args, out_dir, pairs, unmatched, net, extractor, device, workers, loss_curves)
 
 

@@ -8,7 +8,7 @@ r"""Write nucleus masks for UniToPatho with a segmenter from train_segmenter.py.
 Output: one RGB PNG per image in the PanNuke palette (dataset/masks.py), with the
 image's file name and size, under OUT/training/masks/ (train.csv) and
 OUT/test/masks/ (test.csv): the --masks-dir layout train_utp.py and test.py read.
-Masks already there are skipped (--overwrite redoes them) and each is written
+Masks already there are skipped and each is written
 atomically, so an interrupted run continues where it stopped. OUT/.run.json records
 the segmenter (its sha256) and the options that change a mask: a re-run with others
 is refused unless --overwrite, which first deletes the masks that run wrote.
@@ -51,7 +51,9 @@ def parser():
                    help="masks root: training/masks/ and test/masks/ go here")
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="CSV splits to segment")
     config.add_segmentation_args(p.add_argument_group("segmentation"))
-    p.add_argument("--overwrite", action="store_true", help="redo masks that already exist")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete every mask earlier runs wrote into --out-dir (its .run.written), then segment "
+                        "--splits afresh")
     config.add_device_args(p)
     return p
 
@@ -78,15 +80,6 @@ def main(argv=None):
     with distributed(args.device, channels_last=args.channels_last) as (info, device, args.channels_last), \
             contextlib.ExitStack() as held:
         model, model_mpp = load_pannuke_segmenter(args.checkpoint, device, args.model_mpp)
-        # Which splits is not part of the manifest: segmenting test, then training, fills one folder.
-        options = manifest_options(args, leave_out=("splits", "batch_size")) | \
-            {"checkpoint_sha256": file_sha256(args.checkpoint)}
-        if info.is_main:
-            held.enter_context(RunFolder.claim(args.out_dir, "make_masks.py", options, inputs=input_paths(args),
-                                               overwrite=args.overwrite))
-        barrier()
-        if not info.is_main:
-            held.enter_context(RunFolder.join(args.out_dir))
         if args.channels_last:
             model = model.to(memory_format=torch.channels_last)
         model = maybe_compile(model, args.compile)
@@ -98,10 +91,22 @@ def main(argv=None):
             data = UniToPatho(args.data_dir, split)
             folder = masks_folder(args.out_dir, split)
             jobs += [(path, inside(folder, folder / name)) for path, name in zip(data.paths, data.names)]
+        # Claimed once every output path is known to stay inside it. The splits are not part of the
+        # manifest: segmenting test, then training, fills one folder.
+        options = manifest_options(args, leave_out=("splits", "batch_size")) | \
+            {"checkpoint_sha256": file_sha256(args.checkpoint)}
+        if info.is_main:
+            owner = held.enter_context(RunFolder.claim(args.out_dir, "make_masks.py", options,
+                                                       inputs=input_paths(args), overwrite=args.overwrite))
+        barrier()
+        if not info.is_main:
+            owner = held.enter_context(RunFolder.join(args.out_dir))
         # Shard what is left, so a resumed run stays balanced; every rank lists it before any writes.
         left = [job for job in jobs if args.overwrite or not job[1].exists()]
         barrier()
         todo = left[info.rank::info.world_size]
+        for _, mask_path in todo:  # a link in the way is refused before the first image is segmented
+            owner.check_path(mask_path)
         workers = loader_workers(args.workers, device)
         images = make_loader(Images([path for path, _ in todo], normalizer), None, workers, device)
         tiling = dict(tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, autocast=autocast,

@@ -61,6 +61,23 @@ def check_apart(out, inputs, flag="--out-dir"):
                             f"inputs (--overwrite could delete them): move it, or choose another {flag}")
 
 
+def lock_holder(folder):
+    """The pid written in a folder's lock while another process holds it, else None (a test
+    that takes no lock and writes nothing)."""
+    try:
+        fd = os.open(Path(folder) / f"{OWNER_PREFIX}lock", os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except OSError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    finally:
+        os.close(fd)
+
+
 def logged_output(folder):
     """The relative paths a folder's owner logged as the tool's output."""
     log = Path(folder) / f"{OWNER_PREFIX}written"
@@ -107,9 +124,10 @@ class RunFolder:
             raise UserError(f"cannot write to {flag} {path}: {exc.strerror or exc}") from None
         folder = cls(path, saved or {}, lock_fd)
         try:
-            if conflict and folder.holds_output():
+            starting_afresh = conflict or (overwrite and resume is None)
+            if starting_afresh and folder.holds_output():
                 folder.clear()
-            if conflict:
+            if starting_afresh:
                 saved = None
             folder.fresh = saved is None and resume is None
             if saved is None:
@@ -132,6 +150,10 @@ class RunFolder:
         if path.exists() and not path.is_dir():
             raise UserError(f"{flag} {path} is a file; give a folder")
         check_apart(path, inputs or {}, flag)
+        holder = lock_holder(path)
+        if holder:
+            raise UserError(f"{flag} {path} is in use by another run (pid {holder}); wait for it to end, or choose "
+                            f"another {flag}")
         saved = read_manifest(path)
         conflict = None
         if saved is None:
@@ -195,9 +217,16 @@ class RunFolder:
     def check_write(self, path):
         """Called by utils.atomic_write: a write under this folder must not pass through a
         symbolic link inside it, nor resolve outside it. Logs the path as this tool's."""
+        target = self.check_path(path)
+        if target is not None:
+            self.record(target.relative_to(self.root).as_posix())
+
+    def check_path(self, path):
+        """`path` made absolute when it lies in this folder and no symbolic link inside the
+        folder stands on its way (else a UserError); None for a path elsewhere."""
         target = Path(os.path.abspath(path))
         if not target.is_relative_to(self.root) or target == self.root:
-            return
+            return None
         step = self.root
         for part in target.relative_to(self.root).parts:
             step = step / part
@@ -206,7 +235,7 @@ class RunFolder:
                                 f"{self.path}")
         if not target.resolve().is_relative_to(self.root.resolve()):
             raise UserError(f"refusing to write {path}: it resolves outside the output folder {self.path}")
-        self.record(target.relative_to(self.root).as_posix())
+        return target
 
     def holds_output(self):
         return any(os.path.lexists(self.path / relative) for relative in self.written)

@@ -152,8 +152,11 @@ def claim_run_dir(args, what, resume, info):
     continues that very run, and --overwrite deletes only that run's output."""
     out_dir = Path(args.out_dir)
     folder = None
+    inputs = input_paths(args)
+    if getattr(args, "demo", False):
+        inputs.pop("--data-dir")  # the demo writes its data into its own run folder
     if info.is_main:
-        folder = RunFolder.claim(out_dir, what, inputs=input_paths(args), overwrite=args.overwrite, one_run=True,
+        folder = RunFolder.claim(out_dir, what, inputs=inputs, overwrite=args.overwrite, one_run=True,
                                  resume=None if resume is None else (resume.get("run_id"), args.resume),
                                  continue_hint=f"continue it with --resume {out_dir / 'checkpoints' / 'last.pt'}")
         folder.record("wandb")

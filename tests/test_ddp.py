@@ -159,7 +159,8 @@ def test_ddp_run_writes_one_checkpoint_set_from_rank0(ddp_run):
     assert "batch 2 x 2 = 4 effective" in log  # --batch-size is per process
     assert log.count("done: ") == 1, "only rank 0 reports"
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == ["checkpoints/last.pt", "loss_curves.png", "samples/epoch_0001.png"], files
+    owner = [".run.json", ".run.lock", ".run.written"]  # run_folder.py's, from rank 0 alone
+    assert files == owner + ["checkpoints/last.pt", "loss_curves.png", "samples/epoch_0001.png"], files
 
     ckpt = read_checkpoint(out / "checkpoints" / "last.pt")
     for net in ("generator", "discriminator"):

@@ -102,6 +102,9 @@ def build_cases(tmp, w, folds, ckpt):
     for workers in ("0", "1"):
         argv = _tiny(conv, tmp / f"out_png{workers}") + ["--workers", workers]
         cases[f"truncated-png-workers{workers}"] = ("train_pannuke.py", argv, [str(png)], False)
+    # Each case its own --out-dir: two run at a time, and a folder is claimed before its data is read.
+    for case, (script, argv, needles, only) in cases.items():
+        cases[case] = (script, [tmp / f"out_{case}" if a == out else a for a in argv], needles, only)
     return cases
 
 

@@ -648,9 +648,9 @@ def test_case_2_make_masks_never_writes_through_a_link_nor_into_the_data(utp_cop
     inputs = {p: p.read_bytes() for p in data_dir.parent.rglob("*") if p.is_file()}
     shutil.rmtree(out / "test" / "masks")
     (out / "test" / "masks").symlink_to(masks_dir / "test" / "masks")
-    for extra in ([], ["--overwrite"]):
-        line = main_error(make_masks.main, argv + extra, capsys)
-        assert "symbolic link" in line and str(out / "test" / "masks") in line
+    make_masks.main(list(map(str, argv)))  # every mask is there (through the link): nothing to write
+    line = main_error(make_masks.main, argv + ["--overwrite"], capsys)
+    assert "symbolic link" in line and str(out / "test" / "masks") in line
     inside_data = argv[:5] + [data_dir / "masks_here"] + argv[6:]
     assert "inside --data-dir" in main_error(make_masks.main, inside_data, capsys)
     assert {p: p.read_bytes() for p in data_dir.parent.rglob("*") if p.is_file()} == inputs

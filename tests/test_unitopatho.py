@@ -61,7 +61,7 @@ def trained(utp, tmp_path_factory):
     cmd = [sys.executable, str(REPO / "train_utp.py"), "--data-dir", data_dir, "--masks-dir", masks_dir,
            "--out-dir", out, "--epochs", "1", "--batch-size", "4", "--crops-per-image", "1", "--ngf", "8",
            "--ndf", "8", "--norm", "batch", "--device", "cpu", "--precision", "fp32", "--workers", "0",
-           "--wandb", "disabled", "--num-samples", "3", "--cache-dir", out / "cache"]
+           "--wandb", "disabled", "--num-samples", "3", "--cache-dir", tmp_path_factory.mktemp("utp_cache")]
     proc = subprocess.run(list(map(str, cmd)), cwd=REPO, env=script_env(), capture_output=True, text=True,
                           timeout=600)
     return proc, out
