@@ -199,8 +199,9 @@ class TrainPath:
     other path), its optimisers, and its step."""
 
     def __init__(self, name, gen, disc, device, step_cfg, precision="fp32", plain=False, channels_last=False,
-                 fused=True, compile=False, *, lr, betas):
+                 fused=True, compile=False, num_classes=PANNUKE.num_classes, *, lr, betas):
         self.name, self.device, self.step_cfg, self.plain = name, device, step_cfg, plain
+        self.num_classes = num_classes
         self.channels_last = channels_last and not plain  # of weights and inputs, hence of the activations
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.gen = copy.deepcopy(gen).to(device, memory_format=layout)
@@ -223,7 +224,7 @@ class TrainPath:
         self.flops_per_step = self.warmup_s = None
 
     def step(self, labels, image):
-        mask, real = gan.prepare_batch(labels, image, self.device, self.channels_last)
+        mask, real = gan.prepare_batch(labels, image, self.device, self.channels_last, self.num_classes)
         if self.plain:
             return baseline_step(self.gen, self.disc, self.opt_g, self.opt_d, mask, real, self.step_cfg)
         losses = tu.gan_train_step(self.nets, mask, real, self.step_cfg)
@@ -381,7 +382,7 @@ def measure_training(args, device, precision, batches, warmup, tile):
     gen, disc = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
     step_cfg = tu.StepConfig(rt.autocast_context(device, precision), args)
     channels_last = rt.resolve_channels_last(None, device)  # the training scripts' default layout
-    optim = dict(lr=args.lr, betas=(args.beta1, args.beta2))
+    optim = dict(lr=args.lr, betas=(args.beta1, args.beta2), num_classes=LABEL_SETS[tile].num_classes)
     paths = [TrainPath("baseline", gen, disc, device, step_cfg, plain=True, **optim),
              TrainPath("default", gen, disc, device, step_cfg, precision, channels_last=channels_last, **optim)]
     if args.ablations:
@@ -424,7 +425,8 @@ def measure_batch_sizes(args, device, precision, dataset, workers, warmup, tile,
     for batch_size in args.batch_sizes:
         batches = crop_batches(training_batches(dataset, batch_size, warmup + args.steps, workers, device), tile)
         path = TrainPath("default", gen, disc, device, step_cfg, precision,
-                         channels_last=rt.resolve_channels_last(None, device), lr=args.lr, betas=(args.beta1, args.beta2))
+                         channels_last=rt.resolve_channels_last(None, device), num_classes=LABEL_SETS[tile].num_classes,
+                         lr=args.lr, betas=(args.beta1, args.beta2))
         time_training([path], batches, warmup, args.steps, interleave=False)
         rate = batch_size / path.timer.median()
         name = f"{figure_prefix(tile)}_batch{batch_size}"

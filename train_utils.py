@@ -203,13 +203,14 @@ def learning_rate(cfg, info):
     return cfg.lr * (info.world_size if cfg.scale_lr else 1)
 
 
-def gan_payload(cfg, model_cfg, nets):
-    """The GAN's own checkpoint entries (loop.Loop adds the position and RNG state)."""
+def gan_payload(cfg, model_cfg, nets, channels_last):
+    """The GAN's own checkpoint entries (loop.Loop adds the position and RNG state), with the
+    memory layout --channels-last resolved to."""
     return {"kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION,
             "generator": unwrap(nets.generator).state_dict(), "discriminator": unwrap(nets.discriminator).state_dict(),
             "opt_g": nets.opt_g.state_dict(), "opt_d": nets.opt_d.state_dict(),
             "scaler_g": nets.scaler_g.state_dict(), "scaler_d": nets.scaler_d.state_dict(),
-            "model_config": model_cfg, "config": vars(cfg),
+            "model_config": model_cfg, "config": vars(cfg), "channels_last": channels_last,
             **({"generator_ema": nets.ema_state()} if nets.ema is not None else {}),
             **({"d_augment": nets.augment.state_dict()} if nets.augment.mode != "none" else {})}
 
@@ -292,12 +293,13 @@ def run_training(cfg, resume, build_datasets, require_distributed=False, folder_
             nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
             if nets.ema is not None:
                 nets.ema_masks = ema_mask_batches(train_set, device, channels_last, labels.num_classes)
-            loop = Loop(cfg.out_dir, info, device, LOSS_NAMES, lambda: gan_payload(cfg, model_cfg, nets), stop,
-                        cfg.log_every, cfg.save_every_steps, run_id=folder and folder.run_id)
+            loop = Loop(cfg.out_dir, info, device, LOSS_NAMES, lambda: gan_payload(cfg, model_cfg, nets, channels_last),
+                        stop, cfg.log_every, cfg.save_every_steps, run_id=folder and folder.run_id)
             position = loop.restore(resume, cfg.resume, log)
             log(f"training on {len(train_set)} images, {info.world_size} process(es) on {device.type}, "
-                f"precision {precision}, batch {cfg.batch_size} x {info.world_size} = "
-                f"{cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, {workers} loader worker(s)")
+                f"precision {precision}, {'channels_last' if channels_last else 'NCHW'}, batch {cfg.batch_size} x "
+                f"{info.world_size} = {cfg.batch_size * info.world_size} effective, lr {learning_rate(cfg, info):g}, "
+                f"{workers} loader worker(s)")
             run = init_wandb(cfg, position.wandb_run_id) if info.is_main else None
             if run is not None:
                 position.wandb_run_id = run.id

@@ -9,6 +9,8 @@ import torch
 
 import bench
 from dataset.pannuke import PanNukeFolds
+import gan
+from dataset.masks import PANNUKE
 from gan import build_discriminator, build_generator
 from runtime import autocast_context, resolve_channels_last, resolve_precision
 from train_utils import StepConfig
@@ -17,12 +19,14 @@ FIELDS = ("train_baseline_img_s", "train_default_img_s", "train_speedup_vs_fp32_
           "train_baseline_gflops", "train_gflop_per_img", "train_default_peak_fraction", "matmul_peak_fp32_gflops",
           "matmul_peak_bf16_gflops", "gen_whole_mpx_s", "gen_tiled_mpx_s", "loader_pannuke_img_s",
           "loader_utp_img_s", "loader_utp_cached_crops_s", "loader_pannuke_vs_train", "loader_utp_vs_train",
-          "loader_utp_cached_vs_train", "segmenter_fp32_steps_s", "segmenter_fp32_gflops")
+          "loader_utp_cached_vs_train", "segmenter_fp32_steps_s", "segmenter_fp32_gflops", "train128_default_img_s",
+          "train128_baseline_img_s", "train128_default_peak_fraction", "train128_gflop_per_img",
+          "train_batch2_img_s", "train_batch4_peak_fraction", "train128_batch4_img_s")
 
 
 def test_smoke_run_prints_every_figure(run_script, tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_script("bench.py", "--smoke", "--json", out, timeout=300)
+    proc = run_script("bench.py", "--smoke", "--batch-sizes", "2", "4", "--profile", "--json", out, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = dict(re.findall(r"^(\w+)=(.*)$", proc.stdout, flags=re.M))
     for key in FIELDS:
@@ -34,6 +38,10 @@ def test_smoke_run_prints_every_figure(run_script, tmp_path):
     assert figures["ngf"] == 8
     assert figures["networks"] == "unet (resize) + multiscale"  # today's default networks, named
     assert f"segmenter_{figures['precision']}_steps_s" in figures
+    assert "training at 128 px (unet (resize) + multiscale, conic classes" in proc.stdout
+    # The profile: ten ops with their shares of the step's time, largest first.
+    shares = [share for _, share in figures["train128_profile"]]
+    assert len(shares) == 10 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     # The ratios are the printed rates over the default training rate of the same run.
     assert figures["loader_utp_cached_vs_train"] == figures["loader_utp_cached_crops_s"] / figures["train_default_img_s"]
 
@@ -41,7 +49,8 @@ def test_smoke_run_prints_every_figure(run_script, tmp_path):
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("device_type,precision", [("cpu", "auto"), pytest.param("cuda", "bf16", marks=CUDA),
+@pytest.mark.parametrize("device_type,precision", [("cpu", "auto"), ("cpu", "bf16"),
+                                                   pytest.param("cuda", "bf16", marks=CUDA),
                                                    pytest.param("cuda", "fp16", marks=CUDA)])
 def test_default_path_matches_baseline_losses(pannuke_folds, device_type, precision):
     """Same initial weights and batch, deterministic targets (no label smoothing) and
@@ -54,7 +63,8 @@ def test_default_path_matches_baseline_losses(pannuke_folds, device_type, precis
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     torch.manual_seed(0)
-    cfg = dict(ngf=8, ndf=8, norm="batch", dropout=False)
+    # Today's default networks (resize U-Net, two-scale PatchGAN), narrow and without dropout.
+    cfg = gan.model_config(bench.parse_args(["--ngf", "8", "--ndf", "8", "--no-dropout"]), PANNUKE, 256)
     gen, disc = build_generator(cfg), build_discriminator(cfg)
     step_cfg = StepConfig(l1_lambda=75.0, real_label_range=(0.7, 1.2), fake_label_range=(0.0, 0.3),
                           smooth_real=False, smooth_fake=False, autocast=autocast_context(device, precision))

@@ -88,9 +88,14 @@ def test_old_model_configs_read_with_the_values_they_trained_with():
     ["--upsample", "transpose", "--discriminator", "patch", "--ngf", "8", "--ndf", "4", "--no-dropout"],
     ["--discriminator", "multiscale", "--num-d-scales", "3", "--norm", "instance", "--unet-depth", "5"],
 ])
-def test_bench_builds_the_networks_the_training_script_builds(flags):
-    trained = gan.model_config(training_parser().parse_args(flags), PANNUKE, bench.TILE)
-    benched = bench.training_model_config(bench.parse_args(flags), bench.TILE)
+@pytest.mark.parametrize("tile", [256, 128])
+def test_bench_builds_the_networks_the_training_script_builds(flags, tile):
+    """At 256 px as train_pannuke.py builds them, at 128 px as train_conic.py (and the study) does."""
+    add_data_args, labels = {256: (config.add_pannuke_training_data_args, PANNUKE),
+                             128: (config.add_conic_training_data_args, CONIC)}[tile]
+    parser = config.training_parser("data", add_data_args, "runs/x")
+    trained = gan.model_config(parser.parse_args(flags), labels, tile)
+    benched = bench.training_model_config(bench.parse_args(flags), tile)
     assert benched == trained
     for build in (gan.build_generator, gan.build_discriminator):
         a, b = build(trained), build(benched)
@@ -180,3 +185,20 @@ def test_precision_auto_on_cpu_takes_bf16_only_with_amx(monkeypatch, amx, avx512
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert runtime.resolve_precision("auto", torch.device("cpu")) == expected
     assert runtime.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("amx,expected", [(True, True), (False, False)], ids=["amx", "no-amx"])
+def test_channels_last_auto_follows_the_cpu_and_a_flag_wins(monkeypatch, amx, expected):
+    """--channels-last auto: NHWC on a CPU with AMX (bf16 native), NCHW on one without; on, off,
+    the bare flag and --no-channels-last as given; None, as older runs recorded auto, reads as auto."""
+    import runtime
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    cpu = torch.device("cpu")
+    parse = training_parser().parse_args
+    assert parse([]).channels_last == "auto"
+    assert runtime.resolve_channels_last(parse([]).channels_last, cpu) is expected
+    assert runtime.resolve_channels_last(None, cpu) is expected
+    assert runtime.resolve_channels_last(parse(["--channels-last"]).channels_last, cpu) is True
+    assert runtime.resolve_channels_last(parse(["--channels-last", "off"]).channels_last, cpu) is False
+    assert runtime.resolve_channels_last(parse(["--no-channels-last"]).channels_last, cpu) is False
+    assert runtime.resolve_channels_last("auto", torch.device("cuda")) is True
