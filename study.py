@@ -27,8 +27,8 @@ Each stage writes its outputs and a done.json marker into its folder of S (--out
     realism/                       synthetic_test/ (the test masks painted), grid.png, realism and fidelity
 then S/metrics.json, S/report.html, S/dice_vs_fraction.png and a table on stdout. A re-run skips finished
 stages and resumes an interrupted GAN or segmenter from its last save, so a killed study continues where it
-stopped; SIGTERM or Ctrl-C stops it with status 143. S/study.json records the options; a re-run with other
-options is refused unless --overwrite.
+stopped; SIGTERM or Ctrl-C stops it with status 143. S/.run.json (its manifest) records the options; a re-run with
+other options is refused unless --overwrite, which first deletes what the earlier study wrote.
 
 To compare GANs (every GAN option of the training scripts: --generator, --discriminator, --ema-half-life,
 --d-augment, ...) at equal budget, run one study, then the others with --reference-from <that study>: they

@@ -8,14 +8,14 @@ from config import (STUDY_BUDGET_MINUTES, STUDY_C2ST_EPOCHS, STUDY_FRACTIONS, ST
                     STUDY_OUT_DIR, STUDY_RARE_CLASS_WEIGHT, STUDY_RARE_SHARE, STUDY_SEEDS, STUDY_SEGMENTER_BATCH_SIZE,
                     STUDY_SEGMENTER_STEPS, STUDY_SEGMENTER_WIDTH)
 from run_folder import RunFolder, input_paths
-from utils import UserError, atomic_save_text
+from utils import UserError
 
 # Tiny networks run fastest on one thread, above all on a CPU other processes share.
 SMOKE = dict(fractions=[50, 100], seeds=2, budget_minutes=0.05, segmenter_steps=4, ngf=8, ndf=8, segmenter_width=8,
              c2st_epochs=2,
              threads=1, out_dir="runs/study_smoke")
 FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_batch_size=16)
-# What makes two studies the same study (S/study.json); device and speed options are not among them.
+# What makes two studies the same study (S/.run.json, its manifest); device and speed options are not among them.
 # Studies that differ in GAN_OPTIONS alone compare GANs at equal budget (compare_studies.py). The study
 # takes every GAN option the training scripts take (config.GAN_OPTIONS), with narrower networks by default.
 GAN_OPTIONS = tuple(option.name for option in config.GAN_OPTIONS)
@@ -104,16 +104,21 @@ def parse_args(argv, doc=""):
 
 
 def study_options(args):
-    """What S/study.json records (paths resolved, so that a study can be found from anywhere)."""
+    """What S/.run.json records (paths resolved, so that a study can be found from anywhere)."""
     options = {name: getattr(args, name) for name in STUDY_OPTIONS} | {"data_dir": str(Path(args.data_dir).resolve())}
     if args.reference_from:
         options["reference_from"] = str(Path(args.reference_from).resolve())
     return options
 
 
+def recorded_study_options(options):
+    """A study's recorded options, with GAN options newer than the study at the values it trained with."""
+    return config.fill_legacy(options, model=False)
+
+
 def recorded_options(record):
-    """A study.json's options, with GAN options newer than the study at the values it trained with."""
-    return config.fill_legacy(json.loads(record.read_text())["options"], model=False)
+    """The options in a study's manifest (S/.run.json), as recorded_study_options reads them."""
+    return recorded_study_options(json.loads(record.read_text())["options"])
 
 
 def check_reference_source(args, options):
@@ -121,7 +126,7 @@ def check_reference_source(args, options):
     if not args.reference_from:
         return
     source = Path(args.reference_from)
-    record, marker = source / "study.json", source / "reference" / "done.json"
+    record, marker = source / ".run.json", source / "reference" / "done.json"
     if not record.is_file() or not marker.is_file():
         raise UserError(f"--reference-from {source}: no finished reference stage there ({marker} not found)")
     if source.resolve() == Path(args.out_dir).resolve():
@@ -136,10 +141,7 @@ def check_reference_source(args, options):
 def claim_out_dir(args, options):
     """S, claimed for this study (run_folder.RunFolder; a context manager holding its lock): a
     study made with other options is refused, and --overwrite deletes what that study wrote
-    before starting afresh. S/study.json records the options for --reference-from."""
-    folder = RunFolder.claim(args.out_dir, "study.py", options, inputs=input_paths(args), overwrite=args.overwrite,
-                             read_options=lambda saved: config.fill_legacy(saved, model=False))
-    record = Path(args.out_dir) / "study.json"
-    if not record.is_file():
-        atomic_save_text(record, json.dumps({"options": options}, indent=1))
-    return folder
+    before starting afresh. The manifest, S/.run.json, records the options (--reference-from
+    reads them)."""
+    return RunFolder.claim(args.out_dir, "study.py", options, inputs=input_paths(args), overwrite=args.overwrite,
+                           read_options=recorded_study_options)

@@ -136,7 +136,7 @@ def test_smoke_study_writes_every_field_in_time(smoke):
     # Outputs on disk, each CoNIC folder readable as one.
     out = smoke.out
     for path in ("split.csv", "k50/split.csv", "reference/segmenter.pt", "k50/gan/checkpoints/last.pt",
-                 "realism/grid.png", "dice_vs_fraction.png", "study.json"):
+                 "realism/grid.png", "dice_vs_fraction.png", ".run.json"):
         assert (out / path).is_file(), path
     for folder in ("k50/synthetic_a", "k50/synthetic_b", "k100/synthetic_b", "realism/synthetic_test"):
         images, labels, names = open_conic(out / folder, check_data=True)
@@ -365,8 +365,8 @@ def test_overwrite_replaces_a_study_but_never_other_files(tmp_path):
     with options.claim_out_dir(args, {"fractions": [50.0]}) as folder:
         assert folder.path == old
     assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*") if not p.name.startswith(".run.")) == \
-        ["k10", "k10/notes.txt", "study.json"]
-    assert json.loads((old / "study.json").read_text()) == {"options": {"fractions": [50.0]}}
+        ["k10", "k10/notes.txt"]
+    assert json.loads((old / ".run.json").read_text())["options"] == {"fractions": [50.0]}
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
@@ -466,7 +466,7 @@ def test_study_trains_the_chosen_generator_and_discriminator(spade_smoke, tiny_c
     out = spade_smoke
     model = torch.load(out / "k100" / "gan" / "checkpoints" / "last.pt", weights_only=True)["model_config"]
     assert (model["generator"], model["discriminator"], model["noise_dim"]) == ("spade", "oasis", 4)
-    assert json.loads((out / "study.json").read_text())["options"]["generator"] == "spade"
+    assert json.loads((out / ".run.json").read_text())["options"]["generator"] == "spade"
     assert json.loads((out / "metrics.json").read_text())["realism"]["diversity"]["samples_per_mask"] == 3
     # A smoke GAN paints every tile the same grey in uint8; with PyTorch's default init
     # instead, noise makes a mask's paintings differ, and pix2pix in eval mode does not.
