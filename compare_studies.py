@@ -82,6 +82,11 @@ def check_comparable(studies):
                         f"studies with study.py --reference-from {first}, so that one segmenter judges them all")
 
 
+def c2st_cell(side, name):
+    """A C2ST accuracy, or '-' for a study made before that score existed."""
+    return fmt(side.get(name) and side[name]["accuracy"])
+
+
 def row(folder, options, metrics):
     """The table's cells for one study."""
     realism, k_small = metrics["realism"], f"{min(options['fractions']):g}"
@@ -94,6 +99,7 @@ def row(folder, options, metrics):
     gain = metrics["augmentation"][k_small]["summary"]["nuclei_dice"]["difference"]
     return [folder.name, describe(options), f"{counts['generator'] / 1e6:.2f}M / {counts['discriminator'] / 1e6:.2f}M",
             str(gan["steps"]), f"{gan['steps'] / gan['train_seconds']:.2f}", fmt(speed, 1),
+            f"{c2st_cell(synthetic, 'feature_c2st')} ({c2st_cell(floor, 'feature_c2st')})",
             f"{fmt(synthetic['c2st']['accuracy'])} ({fmt(floor['c2st']['accuracy'])})",
             f"{fmt(synthetic['domain_frechet_distance'], 2)} ({fmt(floor['domain_frechet_distance'], 2)})",
             f"{fmt(synthetic['domain_kernel_distance']['mean'], 4)} ({fmt(floor['domain_kernel_distance']['mean'], 4)})",
@@ -104,7 +110,7 @@ def row(folder, options, metrics):
 def markdown_table(studies):
     k_big, k_small = (f"{f(studies[0][1][0]['fractions']):g}" for f in (max, min))
     header = ["study", "GAN", "parameters G / D", f"GAN steps (k={k_big}%)", "GAN steps/s", "painted tiles/s",
-              "C2ST accuracy (floor)", "domain Fréchet distance (floor)", "domain kernel distance (floor)",
+              "C2ST in features (floor)", "C2ST on pixels (floor)", "domain Fréchet distance (floor)", "domain kernel distance (floor)",
               "nucleus Dice on synthetic (ratio to real)",
               "diversity", f"nucleus Dice gain at k={k_small}%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -71,7 +71,9 @@ def realism_rows(result):
     def prdc(key):
         return [fmt(s["prdc"] and s["prdc"][key]) for s in sides]
 
-    return [["C2ST accuracy (0.5: indistinguishable)", *(fmt(s["c2st"] and s["c2st"]["accuracy"]) for s in sides)],
+    return [["C2ST in the judge segmenter's features (0.5: indistinguishable)",
+             *(fmt(s.get("feature_c2st") and s["feature_c2st"]["accuracy"]) for s in sides)],
+            ["C2ST on pixels (sees any lost detail)", *(fmt(s["c2st"] and s["c2st"]["accuracy"]) for s in sides)],
             ["domain Fréchet distance", *(fmt(s["domain_frechet_distance"], 4) for s in sides)],
             ["domain kernel distance", *(fmt(s["domain_kernel_distance"]["mean"], 4) for s in sides)],
             ["precision (looks real)", *prdc("precision")], ["density", *prdc("density")],

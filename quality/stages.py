@@ -17,7 +17,7 @@ import torch
 
 import config
 import metrics
-from config import (PRDC_K, STUDY_C2ST_FOLDS, STUDY_DIVERSITY_MASKS, STUDY_DIVERSITY_SAMPLES,
+from config import (FEATURE_C2ST_FOLDS, PRDC_K, STUDY_C2ST_FOLDS, STUDY_DIVERSITY_MASKS, STUDY_DIVERSITY_SAMPLES,
                     STUDY_DIVERSITY_SEED_STEP, STUDY_GAN_SAMPLES, STUDY_GRID_ROWS, STUDY_MIN_LABELLED_TILES,
                     STUDY_NUCLEI_COPIED, STUDY_PAINT_BATCH, STUDY_RARE_SHARE, STUDY_SAVE_EVERY_STEPS)
 from dataset.common import split_item
@@ -447,11 +447,15 @@ def ratio(a, b):
 
 
 def realism_scores(study, real, real_features, other, other_features):
-    """C2ST, the domain Fréchet and kernel distances and PRDC (precision, density: looks real; recall,
+    """The two C2STs (in the reference segmenter's features, which has range; on pixels, which sees any lost
+    detail), the domain Fréchet and kernel distances and PRDC (precision, density: looks real; recall,
     coverage: covers real variety) of `other` tiles against `real` ones, in the reference segmenter's features."""
     kernel_mean, kernel_std = metrics.kernel_distance(real_features, other_features, seed=study.args.seed)
     k = min(PRDC_K, len(real_features) - 1, len(other_features) - 1)
-    return {"c2st": c2st(study, real, other),
+    folds = min(FEATURE_C2ST_FOLDS, len(real_features), len(other_features))
+    return {"feature_c2st": metrics.feature_c2st(real_features, other_features, folds=folds, seed=study.args.seed)
+            if folds >= 2 else None,
+            "c2st": c2st(study, real, other),
             "domain_frechet_distance": metrics.frechet_distance(real_features, other_features),
             "domain_kernel_distance": {"mean": kernel_mean, "std": kernel_std},
             "prdc": metrics.prdc(real_features, other_features, k=k) if k >= 1 else None}

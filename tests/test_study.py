@@ -147,7 +147,8 @@ def test_smoke_study_writes_every_field_in_time(smoke):
 def test_smoke_report_and_table(smoke):
     page = (smoke.out / "report.html").read_text()
     for text in ("Does adding synthetic tiles help", "Do synthetic tiles look real", "follow their masks",
-                 "domain Fréchet distance", "domain kernel distance", "C2ST accuracy", "real vs real (floor)",
+                 "domain Fréchet distance", "domain kernel distance", "C2ST in the judge segmenter", "C2ST on pixels",
+                 "real vs real (floor)",
                  "Dice per class", "mask | real | synthetic", "data:image/png;base64,", "Training and time",
                  "python study.py"):
         assert text in page, text
