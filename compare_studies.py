@@ -110,7 +110,8 @@ def row(folder, options, metrics):
 def markdown_table(studies):
     k_big, k_small = (f"{f(studies[0][1][0]['fractions']):g}" for f in (max, min))
     header = ["study", "GAN", "parameters G / D", f"GAN steps (k={k_big}%)", "GAN steps/s", "painted tiles/s",
-              "C2ST in features (floor)", "C2ST on pixels (floor)", "domain Fréchet distance (floor)", "domain kernel distance (floor)",
+              "C2ST in features (floor)", "C2ST on pixels (floor)", "domain Fréchet distance (floor)",
+              "domain kernel distance (floor)",
               "nucleus Dice on synthetic (ratio to real)",
               "diversity", f"nucleus Dice gain at k={k_small}%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
