@@ -366,8 +366,8 @@ def add_device_args(p):
                         "alone measured slower than fp32), fp16 with gradient scaling on older GPUs, fp32 otherwise")
     g.add_argument("--channels-last", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="NHWC memory layout for convolutions (--channels-last alone: on). auto: on with CUDA (tensor "
-                        "cores) and on CPUs with AMX, where bench.py --ablations measured it 24%% faster in bf16; off "
-                        "on other CPUs, where fp32 NCHW measured 3-8%% faster (weights change layout every step)")
+                        "cores) and on CPUs with AVX-512, where bench.py --ablations measured it 7-24%% faster; off on "
+                        "AVX2-only CPUs, where NCHW measured 3-8%% faster")
     g.add_argument("--no-channels-last", dest="channels_last", action="store_const", const="off",
                    help="same as --channels-last off")
     g.add_argument("--compile", default=False, action=argparse.BooleanOptionalAction,

@@ -107,16 +107,17 @@ class RunFolder:
 
     @classmethod
     def claim(cls, path, script, options=None, inputs=None, overwrite=False, one_run=False, resume=None,
-              flag="--out-dir", continue_hint="give the same options to continue it", read_options=None):
+              flag="--out-dir", continue_hint="give the same options to continue it", read_options=None, adopt=False):
         """Claim `path` for `script` writing with `options` (JSON values; a folder made with
         others is refused, or cleared with `overwrite`). A training run is `one_run`: a
         folder holding a run is refused unless `resume` = (run id, checkpoint) continues
         that very run. `read_options` reads the saved options for the comparison (a study
-        fills in options newer than it). Returns the claimed RunFolder; `.fresh` says it
-        holds no earlier output."""
+        fills in options newer than it). `adopt`: the caller knows the folder for its own
+        output from before manifests (its files are never logged, so never deleted).
+        Returns the claimed RunFolder."""
         path, options = Path(path), options or {}
         saved, conflict = cls.check(path, script, options, inputs, overwrite, one_run, resume, flag, continue_hint,
-                                    read_options)
+                                    read_options, adopt)
         try:
             path.mkdir(parents=True, exist_ok=True)
             lock_fd = cls._lock(path, flag)
@@ -129,7 +130,6 @@ class RunFolder:
                 folder.clear()
             if starting_afresh:
                 saved = None
-            folder.fresh = saved is None and resume is None
             if saved is None:
                 run_id = (resume[0] if resume else None) or new_run_id()
                 folder.manifest = {"script": script, "run_id": run_id, "options": options}
@@ -141,7 +141,7 @@ class RunFolder:
 
     @staticmethod
     def check(path, script, options=None, inputs=None, overwrite=False, one_run=False, resume=None,
-              flag="--out-dir", continue_hint="give the same options to continue it", read_options=None):
+              flag="--out-dir", continue_hint="give the same options to continue it", read_options=None, adopt=False):
         """What `claim` checks before it writes anything (so that a script claiming several
         folders checks them all first). Returns (the saved manifest or None, what differs or None)."""
         path, options = Path(path), options or {}
@@ -157,8 +157,9 @@ class RunFolder:
         saved = read_manifest(path)
         conflict = None
         if saved is None:
-            # A run from before manifests is adopted only when resumed from its own checkpoint.
-            adopting = resume is not None and within(resume[1], path)
+            # A run from before manifests is adopted when resumed from its own checkpoint, or when its
+            # script recognises it.
+            adopting = adopt or (resume is not None and within(resume[1], path))
             if path.is_dir() and not adopting and any(not p.name.startswith(OWNER_PREFIX) for p in path.iterdir()):
                 raise UserError(f"{flag} {path} holds files that this tool did not write (no manifest "
                                 f"{OWNER_PREFIX}json); give an empty or new folder")

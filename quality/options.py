@@ -117,7 +117,8 @@ def recorded_study_options(options):
 
 
 def recorded_options(record):
-    """The options in a study's manifest (S/.run.json), as recorded_study_options reads them."""
+    """The options in a study's manifest (S/.run.json; S/study.json before manifests), as recorded_study_options
+    reads them."""
     return recorded_study_options(json.loads(record.read_text())["options"])
 
 
@@ -143,5 +144,8 @@ def claim_out_dir(args, options):
     study made with other options is refused, and --overwrite deletes what that study wrote
     before starting afresh. The manifest, S/.run.json, records the options (--reference-from
     reads them)."""
+    # A study from before manifests kept its options in S/study.json: the same options continue it.
+    legacy = Path(args.out_dir) / "study.json"
+    adopt = legacy.is_file() and recorded_options(legacy) == options
     return RunFolder.claim(args.out_dir, "study.py", options, inputs=input_paths(args), overwrite=args.overwrite,
-                           read_options=recorded_study_options)
+                           read_options=recorded_study_options, adopt=adopt)

@@ -187,12 +187,14 @@ def test_precision_auto_on_cpu_takes_bf16_only_with_amx(monkeypatch, amx, avx512
     assert runtime.resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
-@pytest.mark.parametrize("amx,expected", [(True, True), (False, False)], ids=["amx", "no-amx"])
-def test_channels_last_auto_follows_the_cpu_and_a_flag_wins(monkeypatch, amx, expected):
-    """--channels-last auto: NHWC on a CPU with AMX (bf16 native), NCHW on one without; on, off,
-    the bare flag and --no-channels-last as given; None, as older runs recorded auto, reads as auto."""
+@pytest.mark.parametrize("amx,capability,expected", [(True, "AVX512", True), (False, "AVX512", True),
+                                                     (False, "AVX2", False)], ids=["amx", "avx512", "avx2"])
+def test_channels_last_auto_follows_the_cpu_and_a_flag_wins(monkeypatch, amx, capability, expected):
+    """--channels-last auto: NHWC on a CPU with AVX-512 (with or without AMX), NCHW on an AVX2-only one;
+    on, off, the bare flag and --no-channels-last as given; None, as older runs recorded auto, reads as auto."""
     import runtime
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     cpu = torch.device("cpu")
     parse = training_parser().parse_args
     assert parse([]).channels_last == "auto"

@@ -37,12 +37,11 @@ def test_inputs_and_outputs_are_apart_both_ways(tmp_path, out_inside_input):
 def test_same_options_continue_other_options_are_refused_and_overwrite_deletes_only_its_own(tmp_path):
     out = tmp_path / "out"
     folder = claim(out, options={"seed": 1})
-    assert folder.fresh
     atomic_save_text(out / "images" / "a.png", "a")
     folder.release()
     (out / "images" / "user_notes.txt").write_text("mine")
     again = claim(out, options={"seed": 1})
-    assert not again.fresh and (out / "images" / "a.png").exists()
+    assert again.run_id == folder.run_id and (out / "images" / "a.png").exists()
     again.release()
     with pytest.raises(UserError, match="seed 1 there, 2 here"):
         claim(out, options={"seed": 2})
@@ -109,7 +108,7 @@ def test_a_training_run_continues_only_with_its_own_run_id(tmp_path):
     with pytest.raises(UserError, match="holds another run"):
         claim(out, one_run=True, resume=("someone-else", tmp_path / "other" / "last.pt"))
     again = claim(out, one_run=True, resume=(run_id, out / "checkpoints" / "last.pt"))
-    assert again.run_id == run_id and not again.fresh
+    assert again.run_id == run_id
     again.release()
 
 

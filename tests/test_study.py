@@ -577,3 +577,16 @@ def test_learning_curve_reports_where_it_flattens():
     assert curve["flattened_at"] == 1000 and curve["nuclei_dice"]["2000"]["mean"] == pytest.approx(0.80)
     # Still rising: no shorter run is within the longest one's spread.
     assert learning_curve(*study_with({250: (0.60, 0.62), 2000: (0.77, 0.78)}))["flattened_at"] is None
+
+
+def test_a_study_from_before_manifests_continues_with_its_options_only(tmp_path):
+    old, data = tmp_path / "S", tmp_path / "data"
+    (old / "reference").mkdir(parents=True)
+    (old / "reference" / "done.json").write_text("{}")
+    (old / "study.json").write_text(json.dumps({"options": {"fractions": [10.0]}}))
+    args = SimpleNamespace(out_dir=str(old), data_dir=str(data), overwrite=False)
+    with pytest.raises(UserError, match="did not write"):
+        options.claim_out_dir(args, {"fractions": [50.0]})
+    with options.claim_out_dir(args, {"fractions": [10.0]}) as folder:
+        assert folder.path == old and (old / "reference" / "done.json").is_file()
+    assert json.loads((old / ".run.json").read_text())["options"] == {"fractions": [10.0]}
