@@ -135,6 +135,25 @@ def scripted_scores(patch, scores):
     return written
 
 
+def test_the_probe_scores_alike_every_time_and_leaves_the_random_stream_alone(pannuke_folds, one_thread):
+    """Built twice (as by a run and by its resume), the probe is the same network on the same tiles: one
+    generator gets one score, and building it draws nothing from the training run's RNG."""
+    from contextlib import nullcontext
+
+    from dataset.pannuke import PanNukeFolds
+    from gan import build_generator
+    items = [PanNukeFolds(pannuke_folds, [1])[i] for i in range(3)]
+    torch.manual_seed(1)
+    generator = build_generator(dict(ngf=8, ndf=8, norm="batch", dropout=True))
+    state = torch.get_rng_state()
+    probes = [train_utils.RealismProbe(items, 6, torch.device("cpu"), False, nullcontext()) for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    scores = [probe.score(generator) for probe in probes]
+    assert scores[0] == scores[1] and math.isfinite(scores[0]) and scores[0] > 0
+    # Real tiles against themselves: 0, up to rounding.
+    assert abs(train_utils.frechet_distance(probes[0].real, probes[1].real)) < 1e-6 * scores[0]
+
+
 def test_best_is_replaced_only_when_the_score_improves_and_a_resume_keeps_it(tmp_path, pannuke_folds,
                                                                               train_in_process):
     def train(epochs, scores, *extra):
