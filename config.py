@@ -105,6 +105,12 @@ SEED = 42
 SAVE_EVERY_EPOCHS = 10
 LOG_EVERY_STEPS = 10
 NUM_SAMPLES = 4
+# --eval-every's realism score (train_utils.RealismProbe): up to this many held-out tiles, painted this many at a
+# time, in the pooled features of an untrained segmenter of this width built from this seed.
+EVAL_TILES = 64
+EVAL_BATCH_SIZE = 16
+EVAL_FEATURE_WIDTH = 8
+EVAL_SEED = 0
 WANDB_PROJECT = "he-pix2pix"
 DIST_TIMEOUT_MINUTES = 30
 
@@ -350,7 +356,8 @@ def fill_legacy(record, model=True):
 # taken from the checkpoint, so the resumed run goes on training the same way.
 DATA_RUN_OPTIONS = ("train_folds", "tissue", "crop_size", "crops_per_image", "crop_scheme", "grade_only",
                     "split_file", "allow_overlap", "test_fraction", "label_set", "seed")
-RUN_OPTIONS = DATA_RUN_OPTIONS + tuple(option.name for option in GAN_OPTIONS)
+SCHEDULE_RUN_OPTIONS = ("budget_minutes", "eval_every")
+RUN_OPTIONS = DATA_RUN_OPTIONS + SCHEDULE_RUN_OPTIONS + tuple(option.name for option in GAN_OPTIONS)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -519,7 +526,13 @@ def training_parser(dataset, add_data_args, out_dir):
     add_data_args(p)
     add_gan_args(p)
     g = p.add_argument_group("schedule")
-    g.add_argument("--epochs", type=int, default=EPOCHS, help="total epochs to reach (also when resuming)")
+    g.add_argument("--epochs", type=int, default=EPOCHS,
+                   help="total epochs to reach (also when resuming); with --budget-minutes an upper bound: give a "
+                        "large value to let the budget decide")
+    g.add_argument("--budget-minutes", type=float, default=0,
+                   help="train for this many minutes of training time (loading and steps, counted across resumes; "
+                        "not start-up, saves or --eval-every), the learning rate of G and D decaying linearly to 0 "
+                        "over the second half (pix2pix's decay, in time), then save last.pt and stop; 0 = no budget")
 
     g = p.add_argument_group("outputs and resuming")
     g.add_argument("--out-dir", default=out_dir,
@@ -536,6 +549,11 @@ def training_parser(dataset, add_data_args, out_dir):
     g.add_argument("--log-every", type=int, default=LOG_EVERY_STEPS,
                    help="steps between progress-bar/wandb loss updates (each one syncs the device)")
     g.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="rows in each epoch's sample grid")
+    g.add_argument("--eval-every", type=int, default=0,
+                   help=f"every N steps and at the end, score the generator that paints (the average with "
+                        f"--ema-half-life) on up to {EVAL_TILES} held-out tiles: the Frechet distance to the real "
+                        f"tiles in the pooled features of a fixed, untrained network (lower is better); keep "
+                        f"checkpoints/best.pt whenever it improves; 0 = off")
     add_wandb_args(g)
     g.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_MINUTES,
                    help="minutes a process waits for the others under torchrun before failing")
@@ -608,10 +626,18 @@ def check_epochs_left(cfg, resume):
                         f"{resume['epoch']} to train further")
 
 
+def check_budget_left(cfg, resume):
+    if resume is not None and cfg.budget_minutes and resume.get("train_seconds", 0) >= cfg.budget_minutes * 60:
+        raise UserError(f"{cfg.resume} has already trained {resume['train_seconds'] / 60:.2f} minute(s), its "
+                        f"--budget-minutes {cfg.budget_minutes:g}; give a larger --budget-minutes (or 0 for none) to "
+                        f"train further")
+
+
 def check_training_config(cfg):
     """The GAN scripts' options, before any work starts."""
     check_gan_options(cfg)
-    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0, "seed": 0}
+    at_least = {"epochs": 1, "log_every": 1, "save_every": 0, "save_every_steps": 0, "num_samples": 0, "seed": 0,
+                "budget_minutes": 0, "eval_every": 0}
     check_option_ranges(cfg, {**at_least, **({"crops_per_image": 1} if hasattr(cfg, "crops_per_image") else {})},
                         positive=("dist_timeout",))
 

@@ -171,6 +171,24 @@ def test_ddp_run_writes_one_checkpoint_set_from_rank0(ddp_run):
     assert isinstance(ckpt["rng"], list) and len(ckpt["rng"]) == 2  # one RNG state per rank
 
 
+def test_ddp_budget_and_eval_stop_every_rank_at_one_step(data, tmp_path):
+    """--budget-minutes under torchrun: the ranks agree on the training time at each --log-every reduction, so
+    they change the lr and stop at the same step (a rank stopping alone would leave the others' last save
+    hanging); --eval-every scores on rank 0 and every rank takes part in writing best.pt."""
+    budget = 0.02  # 1.2 s: a few steps of ngf 8 on a CPU
+    log = ok(torchrun("train_pannuke_ddp.py", "--data-dir", data, "--train-folds", 1, "--test-folds", 2,
+                      "--out-dir", tmp_path, "--epochs", 1000, "--budget-minutes", budget, "--eval-every", 2,
+                      "--log-every", 2, "--num-samples", 1, *TINY))
+    assert log.count("budget reached") == 1, log[-3000:]
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    # 3 images per rank, batch 2: 2 steps per epoch, so every reduction is at an even step.
+    assert ckpt["step"] % 2 == 0 and ckpt["train_seconds"] >= budget * 60
+    assert ckpt["opt_g"]["param_groups"][0]["lr"] == ckpt["opt_d"]["param_groups"][0]["lr"] == 0
+    best = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == ckpt["best_step"] and np.isfinite(ckpt["best_realism_fd"])
+    assert log.count("eval/realism_fd") == ckpt["step"] // 2
+
+
 def test_ddp_checkpoint_loads_in_test_py_under_torchrun(ddp_run, data, tmp_path):
     out, _ = ddp_run
     generator, _ = load_generator(out / "checkpoints" / "last.pt", torch.device("cpu"))
