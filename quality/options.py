@@ -146,6 +146,6 @@ def claim_out_dir(args, options):
     reads them)."""
     # A study from before manifests kept its options in S/study.json: the same options continue it.
     legacy = Path(args.out_dir) / "study.json"
-    adopt = legacy.is_file() and recorded_options(legacy) == options
+    adopt = legacy.is_file() and recorded_options(legacy) == recorded_study_options(options)
     return RunFolder.claim(args.out_dir, "study.py", options, inputs=input_paths(args), overwrite=args.overwrite,
                            read_options=recorded_study_options, adopt=adopt)
