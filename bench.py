@@ -475,15 +475,16 @@ def measure_segmenter(args, device, precision, layout):
     return figures
 
 
-def measure_generation(generator, labels, device, autocast, repeats):
+def measure_generation(generator, labels, device, autocast, repeats, num_classes):
     """Megapixels/s generating one class map with tiling.py: whole (reflect-padded to
     a multiple of 256, one forward) and in overlapping 256-px tiles, batched by 8."""
     def forward(mask, seeds):
         return gan.generate(generator, mask, autocast, "eval")
 
     megapixels = labels.size / 1e6
-    whole = median_seconds(lambda: generate_whole(forward, labels, device), device, repeats)
-    tiled = median_seconds(lambda: generate_tiled(forward, labels, device, overlap=64, batch_size=8), device, repeats)
+    whole = median_seconds(lambda: generate_whole(forward, labels, device, num_classes=num_classes), device, repeats)
+    tiled = median_seconds(lambda: generate_tiled(forward, labels, device, overlap=64, batch_size=8,
+                                                  num_classes=num_classes), device, repeats)
     return {"gen_image_px": labels.shape[0], "gen_whole_mpx_s": megapixels / whole, "gen_tiled_mpx_s": megapixels / tiled}
 
 
@@ -541,7 +542,7 @@ def bench(args):
             default = path if tile == 256 or default is None else default
         labels = batches[0][0][0].numpy()  # a real-format class map, mirrored out to size
         results.update(measure_generation(rt.unwrap(default.gen), tile_to(labels, args.gen_size), device,
-                                          default.step_cfg.autocast, args.repeats))
+                                          default.step_cfg.autocast, args.repeats, default.num_classes))
         results.update(measure_loaders(args, dataset, labels, workers, device, tmp))
     results.update(measure_segmenter(args, device, precision, rt.resolve_channels_last(None, device)))
     # Each training image is one crop of the first tile timed: above 1.0 the loader keeps up with training.

@@ -46,6 +46,15 @@ def test_smoke_run_prints_every_figure(run_script, tmp_path):
     assert figures["loader_utp_cached_vs_train"] == figures["loader_utp_cached_crops_s"] / figures["train_default_img_s"]
 
 
+def test_smoke_run_at_128_px_alone_generates_with_its_classes(run_script):
+    """--tile 128 alone: the generator that generation reuses is the 128-px one, conditioned on CoNIC's 7 classes."""
+    proc = run_script("bench.py", "--smoke", "--tile", "128", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    printed = dict(re.findall(r"^(\w+)=(.*)$", proc.stdout, flags=re.M))
+    assert float(printed["train128_default_img_s"]) > 0 and float(printed["gen_whole_mpx_s"]) > 0
+    assert "train_default_img_s" not in printed
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
