@@ -392,7 +392,8 @@ def measure_training(args, device, precision, batches, warmup, tile):
                   TrainPath("default_plain_adam", gen, disc, device, step_cfg, precision, channels_last=channels_last,
                             fused=False, **optim)]
     if args.compile:
-        paths.append(TrainPath("compiled", gen, disc, device, step_cfg, precision, compile=True, **optim))
+        paths.append(TrainPath("compiled", gen, disc, device, step_cfg, precision, channels_last=channels_last,
+                               compile=True, **optim))
     time_training(paths, batches, warmup, args.steps, interleave=device.type == "cpu")
 
     prefix = figure_prefix(tile)
