@@ -228,6 +228,9 @@ GAN_OPTIONS = (
     GanOption("noise_dim", 0, group="networks", model=True, minimum=0, legacy=0,
               help="spade: length of a per-image noise vector broadcast over the image and concatenated to "
                    "the mask (OASIS's 3D noise), for varied images per mask; 0 = no noise"),
+    GanOption("d_spectral_norm", False, group="networks", model=True, legacy=False,
+              help="spectral normalisation of every convolution and linear layer of D (Miyato et al. 2018; SPADE's "
+                   "and OASIS's D use it), which bounds how sharply D can change between nearby images"),
     GanOption("num_d_scales", 2, group="networks", model=True, when=("discriminator", "multiscale"),
               choices=(1, 2, 3), help="multiscale: PatchGANs, each on the input average-pooled by 2 once more"),
     # losses

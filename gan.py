@@ -4,6 +4,7 @@ the networks' input format, and generation with an explicit normalisation mode a
 seeded noise. The training step and loop are in train_utils.py, the losses in losses.py.
 """
 import torch
+from torch import nn
 
 from config import GAN_OPTIONS, as_value, fill_legacy, flag_text, gan_values
 from dataset.masks import NUM_CLASSES, get_label_set, label_set_spec, labels_to_onehot
@@ -95,11 +96,22 @@ def build_discriminator(cfg):
     if cfg["discriminator"] == "oasis":
         # No norm layers: PyTorch's fan-in scaled init keeps its activations in range,
         # where N(0, 0.02) would shrink them block by block.
-        return OasisDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"])
-    if cfg["discriminator"] == "multiscale":
-        return init_weights(MultiscaleDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"],
+        disc = OasisDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"])
+    elif cfg["discriminator"] == "multiscale":
+        disc = init_weights(MultiscaleDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"],
                                                     num_scales=cfg["num_d_scales"]))
-    return init_weights(Discriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
+    else:
+        disc = init_weights(Discriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
+    return spectral_normalised(disc) if cfg["d_spectral_norm"] else disc
+
+
+def spectral_normalised(model):
+    """`model` with spectral normalisation on the weight of every convolution and linear layer
+    (after initialisation, so the direction of each initial weight is kept)."""
+    for module in list(model.modules()):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(module)
+    return model
 
 
 def parameter_counts(model_cfg):
