@@ -25,10 +25,11 @@ Each stage writes its outputs and a done.json marker into its folder of S (--out
     k<k>/synthetic_a/, _b/         CoNIC folders: the labelled masks repainted (a), new layouts painted (b)
     k<k>/augment/<pool>_s<seed>/   test scores of a segmenter trained on real, real + synthetic or synthetic tiles
     realism/                       synthetic_test/ (the test masks painted), grid.png, realism and fidelity
-then S/metrics.json, S/report.html, S/dice_vs_fraction.png and a table on stdout. A re-run skips finished
-stages and resumes an interrupted GAN or segmenter from its last save, so a killed study continues where it
-stopped; SIGTERM or Ctrl-C stops it with status 143. S/.run.json (its manifest) records the options; a re-run with
-other options is refused unless --overwrite, which first deletes what the earlier study wrote.
+then S/metrics.json, S/timings.json (seconds per stage), S/report.html, S/dice_vs_fraction.png and a table on
+stdout. A re-run skips finished stages and resumes an interrupted GAN or segmenter from its last save, so a killed
+study continues where it stopped; SIGTERM or Ctrl-C stops it with status 143. S/.run.json (its manifest) records
+the options; a re-run with other options is refused unless --overwrite, which first deletes what the earlier study
+wrote.
 
 To compare GANs (every GAN option of the training scripts: --generator, --discriminator, --ema-half-life,
 --d-augment, ...) at equal budget, run one study, then the others with --reference-from <that study>: they
@@ -62,6 +63,8 @@ def main(argv=None):
         render.plot_dice(study.out / "dice_vs_fraction.png", result)
         result["seconds"]["this_run_total"] = round(time.perf_counter() - started, 2)
         atomic_save_text(study.out / "metrics.json", json.dumps(result, indent=1, allow_nan=False))
+        # Where the time goes, stage by stage (also in metrics.json and the report).
+        atomic_save_text(study.out / "timings.json", json.dumps(result["seconds"], indent=1))
         render.write_report(study.out / "report.html", result, study.out)
     render.print_table(result)
     print(f"wrote {study.out / 'metrics.json'} and {study.out / 'report.html'}")

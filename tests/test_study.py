@@ -136,8 +136,10 @@ def test_smoke_study_writes_every_field_in_time(smoke):
     # Outputs on disk, each CoNIC folder readable as one.
     out = smoke.out
     for path in ("split.csv", "k50/split.csv", "reference/segmenter.pt", "k50/gan/checkpoints/last.pt",
-                 "realism/grid.png", "dice_vs_fraction.png", ".run.json"):
+                 "realism/grid.png", "dice_vs_fraction.png", ".run.json", "timings.json"):
         assert (out / path).is_file(), path
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"split", "reference", "realism", "this_run_total"} <= timings.keys() and all(s >= 0 for s in timings.values())
     for folder in ("k50/synthetic_a", "k50/synthetic_b", "k100/synthetic_b", "realism/synthetic_test"):
         images, labels, names = open_conic(out / folder, check_data=True)
         assert images.shape[1:] == (64, 64, 3) and len(names) == len(images) > 0
