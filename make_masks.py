@@ -36,10 +36,10 @@ from dataset.common import read_rgb
 from dataset.masks import labels_to_rgb
 from dataset.unitopatho import SPLITS, UniToPatho
 from dataset.unitopatho_mask import masks_folder
-from runtime import (autocast_context, barrier, distributed, loader_workers, make_loader, maybe_compile,
-                     resolve_precision)
+from runtime import (autocast_context, barrier, claim_folder, distributed, loader_workers, make_loader,
+                     maybe_compile, resolve_precision)
 from segmenter import StainNormalizer, load_pannuke_segmenter, segment_image
-from run_folder import RunFolder, input_paths, manifest_options
+from run_folder import input_paths, manifest_options
 from utils import atomic_save_png, file_sha256, inside, run_main
 
 
@@ -95,12 +95,8 @@ def main(argv=None):
         # manifest: segmenting test, then training, fills one folder.
         options = manifest_options(args, leave_out=("splits", "batch_size")) | \
             {"checkpoint_sha256": file_sha256(args.checkpoint)}
-        if info.is_main:
-            owner = held.enter_context(RunFolder.claim(args.out_dir, "make_masks.py", options,
-                                                       inputs=input_paths(args), overwrite=args.overwrite))
-        barrier()
-        if not info.is_main:
-            owner = held.enter_context(RunFolder.join(args.out_dir))
+        owner = held.enter_context(claim_folder(info, args.out_dir, "make_masks.py", options,
+                                                inputs=input_paths(args), overwrite=args.overwrite))
         # Shard what is left, so a resumed run stays balanced; every rank lists it before any writes.
         left = [job for job in jobs if args.overwrite or not job[1].exists()]
         barrier()

@@ -150,25 +150,31 @@ def distributed(device_arg="auto", timeout_minutes=DIST_TIMEOUT_MINUTES, channel
 
 # --------------------------------------------------------------------------- run folders
 
+def claim_folder(info, path, *args, **kwargs):
+    """run_folder.RunFolder.claim(path, ...) on the main process; once it has, the other ranks
+    join the folder (their writes are checked too). A context manager, as RunFolder is."""
+    folder = RunFolder.claim(path, *args, **kwargs) if info.is_main else None
+    barrier()
+    return folder or RunFolder.join(path)
+
+
 def claim_run_dir(args, what, resume, info):
-    """A training run's folder (run_folder.RunFolder), claimed by the main process before any
-    work and joined by the others: a folder holding another run is refused unless --resume
-    continues that very run, and --overwrite deletes only that run's output."""
+    """A training run's folder, claimed before any work (claim_folder): a folder holding another
+    run is refused unless --resume continues that very run, and --overwrite deletes only that
+    run's output."""
     out_dir = Path(args.out_dir)
-    folder = None
     inputs = input_paths(args)
     if getattr(args, "demo", False):
         inputs.pop("--data-dir")  # the demo writes its data into its own run folder
+    folder = claim_folder(info, out_dir, what, inputs=inputs, overwrite=args.overwrite, one_run=True,
+                          resume=None if resume is None else (resume.get("run_id"), args.resume),
+                          continue_hint=f"continue it with --resume {out_dir / 'checkpoints' / 'last.pt'}")
     if info.is_main:
-        folder = RunFolder.claim(out_dir, what, inputs=inputs, overwrite=args.overwrite, one_run=True,
-                                 resume=None if resume is None else (resume.get("run_id"), args.resume),
-                                 continue_hint=f"continue it with --resume {out_dir / 'checkpoints' / 'last.pt'}")
         folder.record("wandb")
         # Temp files left by a run killed while saving; the checkpoints themselves are intact.
         for stale in (out_dir / "checkpoints").glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    barrier()
-    return folder if info.is_main else RunFolder.join(out_dir)
+    return folder
 
 
 # --------------------------------------------------------------------------- wandb

@@ -49,9 +49,9 @@ from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
 from gan import generate, load_generator, prepare_batch
 from report import to_uint8_image, triplet_grid
-from runtime import autocast_context, barrier, distributed, resolve_precision
-from tiling import generate_tiled, generate_whole
 from run_folder import RunFolder, input_paths, manifest_options
+from runtime import autocast_context, barrier, claim_folder, distributed, resolve_precision
+from tiling import generate_tiled, generate_whole
 from utils import UserError, atomic_copy, file_sha256, atomic_save_png, inside, resolve_wandb_mode, run_main
 
 
@@ -145,13 +145,8 @@ def claim_outputs(args, options, info, held):
                  continue_hint="give the same options and checkpoint to continue it")
     for flag, folder in folders.items():  # every folder checked before any is claimed
         RunFolder.check(folder, flag=flag, **claim)
-    if info.is_main:
-        for flag, folder in folders.items():
-            held.enter_context(RunFolder.claim(folder, flag=flag, **claim))
-    barrier()
-    if not info.is_main:
-        for folder in folders.values():
-            held.enter_context(RunFolder.join(folder))
+    for flag, folder in folders.items():
+        held.enter_context(claim_folder(info, folder, flag=flag, **claim))
 
 
 def generate_images(generator, mask, autocast, norm_mode, seeds, noise_seeds=None):

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -125,9 +126,11 @@ class Networks:
 
 def ema_mask_batches(train_set, device, channels_last, num_classes):
     """A function giving the fixed training masks the average's BatchNorm statistics are
-    re-estimated from, as one-hot batches of at least two (BatchNorm's minimum)."""
+    re-estimated from, as one-hot batches of at least two (BatchNorm's minimum). The masks are
+    spread evenly over the training set: its first tiles often come from a few source images,
+    and statistics from those made the average paint saturated noise on lizard_128."""
     count = min(len(train_set), EMA_BATCHNORM_BATCHES * EMA_BATCHNORM_BATCH_SIZE)
-    labels = [train_set[i][0] for i in range(count)]
+    labels = [train_set[int(i)][0] for i in np.linspace(0, len(train_set) - 1, count).round()]
     batches = [torch.stack(labels[i:i + EMA_BATCHNORM_BATCH_SIZE])
                for i in range(0, count, EMA_BATCHNORM_BATCH_SIZE)]
     batches = [b for b in batches if b[..., 0, 0].numel() >= 2]
@@ -456,9 +459,8 @@ def run_training(cfg, resume, build_datasets, require_distributed=False, folder_
 
             def log_losses(means):
                 if run is not None:
-                    augment = {"train/d_augment_p": nets.augment.p} if nets.augment.ada is not None else {}
-                    run.log({**{f"train/{k}": v for k, v in means.items()}, **augment, "epoch": position.epoch},
-                            step=position.step)
+                    logged = {**means, **(epoch_extras(nets) or {})}
+                    run.log({**{f"train/{k}": v for k, v in logged.items()}, "epoch": position.epoch}, step=position.step)
 
             def after_step(sums):
                 if cfg.eval_every and position.step % cfg.eval_every == 0:

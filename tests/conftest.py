@@ -289,6 +289,27 @@ def test_script():
     return load_test_script()
 
 
+def one_error_line(stderr):
+    """The single `error: ...` line that must be all of an entry point's stderr."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    return lines[0]
+
+
+def main_error_line(capsys, call):
+    """Run `call` (an entry point's main, in this process): it must exit 2 with one error line, returned."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == 2
+    return one_error_line(capsys.readouterr().err)
+
+
+def main_error(main, argv, capsys):
+    """main_error_line for an entry point's main on `argv` (any values, passed as strings)."""
+    return main_error_line(capsys, lambda: main(list(map(str, argv))))
+
+
 def wait_for(predicate, proc, timeout, what):
     """predicate()'s first truthy value within `timeout` s; fails if `proc` exits first."""
     deadline = time.monotonic() + timeout

@@ -165,3 +165,12 @@ def test_oasis_refuses_ada(tmp_path, train_conic_in_process, capsys):
         train_conic_in_process(["--data-dir", data, "--out-dir", tmp_path / "run", "--discriminator", "oasis",
                                 "--d-augment", "ada", "--epochs", 1, "--wandb", "disabled", "--device", "cpu"])
     assert "--d-augment ada and --r1-gamma" in capsys.readouterr().err
+
+
+def test_the_average_is_recalibrated_on_masks_from_across_the_training_set():
+    """Not the first tiles, which often share a source image: the first and the last item are among them."""
+    from train_utils import ema_mask_batches
+    items = [(torch.full((8, 8), i // 200, dtype=torch.uint8), None) for i in range(1000)]  # class = fifth of the set
+    batches = list(ema_mask_batches(items, torch.device("cpu"), False, 6)())
+    drawn = torch.cat([b.argmax(1)[:, 0, 0] for b in batches])
+    assert len(drawn) == 64 and sorted(set(drawn.tolist())) == [0, 1, 2, 3, 4]  # every fifth, not the first

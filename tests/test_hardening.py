@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import main_error
+from conftest import one_error_line as error_line
 from utp_fixtures import make_utp_fixture, shared_data_available
 
 import utils
@@ -74,22 +76,6 @@ def generate_argv(checkpoint, data_dir, out_dir, *extra):
 
 def utp_argv(checkpoint, data_dir, masks_dir, out_dir, *extra):
     return generate_argv(checkpoint, data_dir, out_dir, "--dataset", "unitopatho", "--masks-dir", masks_dir, *extra)
-
-
-def error_line(text):
-    """The single `error: ...` line that must be all of stderr."""
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), text[-3000:]
-    return lines[0]
-
-
-def main_error(main, argv, capsys):
-    """Run an entry point's main in this process; it must exit 2 with one error line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(map(str, argv)))
-    assert exit_info.value.code == 2
-    return error_line(capsys.readouterr().err)
 
 
 def files_under(folder, owner_files=True):

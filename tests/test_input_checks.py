@@ -2,6 +2,7 @@
 what was expected, raised before any work. Tiny data in the real on-disk formats."""
 import numpy as np
 import pytest
+from conftest import main_error, main_error_line
 
 from utils import UserError
 
@@ -72,17 +73,6 @@ def test_utp_duplicate_image_id_names_csv_and_both_lines(tmp_path):
 
 # --------------------------------------------------------------------------- train/test overlap
 
-def _error_line(capsys, call):
-    """Run `call` (an entry point's main): it must exit 2 with one `error: ...` line and nothing else on stderr."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    assert exit_info.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
-
-
 def _warning_lines(capsys):
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: ")]
 
@@ -94,7 +84,7 @@ def _training_cfg(add_data_args, *argv):
 
 def test_pannuke_train_and_test_folds_sharing_a_fold_are_refused(tmp_path, pannuke_folds, train_in_process, capsys):
     argv = train_in_process.argv(pannuke_folds, tmp_path / "run", train_folds=(1, 2), test_folds=(2, 3))
-    line = _error_line(capsys, lambda: train_in_process([a for a in argv if a != "--allow-overlap"]))
+    line = main_error_line(capsys, lambda: train_in_process([a for a in argv if a != "--allow-overlap"]))
     assert "--train-folds 1 2" in line and "--test-folds 2 3" in line and "fold 2" in line
     assert "--allow-overlap" in line
 
@@ -113,7 +103,7 @@ def test_segmenter_folds_sharing_a_fold_are_refused(tmp_path, pannuke_folds, cap
     import train_segmenter
     argv = ["--data-dir", pannuke_folds, "--out-dir", tmp_path / "run", "--train-folds", 3, "--test-folds", 3,
             "--epochs", 1, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
-    line = _error_line(capsys, lambda: train_segmenter.main(list(map(str, argv))))
+    line = main_error_line(capsys, lambda: train_segmenter.main(list(map(str, argv))))
     assert "--train-folds 3" in line and "--test-folds 3" in line and "--allow-overlap" in line
 
 
@@ -131,7 +121,7 @@ def test_conic_split_file_with_a_source_on_both_sides_is_refused(tmp_path, train
     data, split = _conic_split(tmp_path)
     argv = ["--data-dir", data, "--split-file", split, "--out-dir", tmp_path / "run", "--epochs", 1, "--ngf", 8,
             "--ndf", 8, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
-    line = _error_line(capsys, lambda: train_conic_in_process(argv))
+    line = main_error_line(capsys, lambda: train_conic_in_process(argv))
     assert str(split) in line and "'crag_10'" in line and "--allow-overlap" in line
 
 
@@ -150,7 +140,7 @@ def test_segmenter_conic_split_file_overlap_is_refused(tmp_path, capsys):
     data, split = _conic_split(tmp_path)
     argv = ["--dataset", "conic", "--data-dir", data, "--split-file", split, "--out-dir", tmp_path / "run",
             "--epochs", 1, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
-    line = _error_line(capsys, lambda: train_segmenter.main(list(map(str, argv))))
+    line = main_error_line(capsys, lambda: train_segmenter.main(list(map(str, argv))))
     assert str(split) in line and "'crag_10'" in line
 
 
@@ -170,7 +160,7 @@ def test_folder_split_file_with_a_source_on_both_sides_is_refused(tmp_path, caps
     (root / "split.csv").write_text("name,split\na_00,train\nb_00,train\na_01,test\n")
     argv = ["--data-dir", root, "--crop-size", 64, "--out-dir", tmp_path / "run", "--epochs", 1, "--ngf", 8,
             "--ndf", 8, "--workers", 0, "--device", "cpu", "--wandb", "disabled"]
-    line = _error_line(capsys, lambda: train_folder.main(list(map(str, argv))))
+    line = main_error_line(capsys, lambda: train_folder.main(list(map(str, argv))))
     assert str(root / "split.csv") in line and "'a'" in line and "--allow-overlap" in line
 
 
@@ -279,10 +269,6 @@ def test_wandb_invalid_api_key_is_one_line(monkeypatch, tmp_path):
 
 # --------------------------------------------------------------------------- option values and checkpoints
 
-def _main_error(main, argv, capsys):
-    return _error_line(capsys, lambda: main([str(a) for a in argv]))
-
-
 @pytest.fixture(scope="module")
 def make_masks_main():
     import make_masks
@@ -295,7 +281,7 @@ def make_masks_main():
 ], ids=["seed", "batch-size"])
 def test_test_py_option_values_are_one_line(tmp_path, test_script, capsys, flags, needle):
     argv = ["--checkpoint", tmp_path / "never_read.pt", "--out-dir", tmp_path / "out", "--device", "cpu", *flags]
-    assert needle in _main_error(test_script.main, argv, capsys)
+    assert needle in main_error(test_script.main, argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -309,7 +295,7 @@ def test_test_py_option_values_are_one_line(tmp_path, test_script, capsys, flags
 def test_make_masks_option_values_are_one_line(tmp_path, make_masks_main, capsys, flags, needle):
     argv = ["--checkpoint", tmp_path / "never_read.pt", "--data-dir", tmp_path, "--out-dir", tmp_path / "out",
             "--device", "cpu", *flags]
-    assert needle in _main_error(make_masks_main, argv, capsys)
+    assert needle in main_error(make_masks_main, argv, capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -319,14 +305,14 @@ def test_make_masks_option_values_are_one_line(tmp_path, make_masks_main, capsys
 ], ids=["seed", "unet-depth"])
 def test_training_option_values_are_one_line(tmp_path, pannuke_folds, train_in_process, capsys, flags, needle):
     out = tmp_path / "run"
-    line = _error_line(capsys, lambda: train_in_process(train_in_process.argv(pannuke_folds, out, *flags)))
+    line = main_error_line(capsys, lambda: train_in_process(train_in_process.argv(pannuke_folds, out, *flags)))
     assert needle in line
 
 
 def test_segmenter_infinite_lr_is_one_line(tmp_path, pannuke_folds, capsys):
     import train_segmenter
     argv = ["--data-dir", pannuke_folds, "--out-dir", tmp_path / "run", "--lr", "inf", "--device", "cpu"]
-    assert "--lr must be a finite number" in _main_error(train_segmenter.main, argv, capsys)
+    assert "--lr must be a finite number" in main_error(train_segmenter.main, argv, capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -338,7 +324,7 @@ def test_classifier_on_a_csv_without_rows_is_one_line(tmp_path, capsys):
     (data / "test.csv").write_text(UTP_HEADER)
     argv = ["--data-dir", data, "--out-dir", tmp_path / "run", "--epochs", 1, "--device", "cpu", "--workers", 0,
             "--wandb", "disabled"]
-    line = _main_error(classify_utp.main, argv, capsys)
+    line = main_error(classify_utp.main, argv, capsys)
     assert str(data / "train.csv") in line and "no rows" in line
 
 
@@ -349,5 +335,5 @@ def test_checkpoint_with_a_text_version_is_one_line(tmp_path, test_script, make_
     torch.save({"kind": kind, "version": "2"}, path)
     main = test_script.main if script == "test.py" else make_masks_main
     argv = ["--checkpoint", path, "--data-dir", tmp_path, "--out-dir", tmp_path / "out", "--device", "cpu"]
-    line = _main_error(main, argv, capsys)
+    line = main_error(main, argv, capsys)
     assert str(path) in line and "version" in line and "'2'" in line

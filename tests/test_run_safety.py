@@ -6,6 +6,7 @@ next step, and every training script logs to wandb the same way."""
 import numpy as np
 import pytest
 import torch
+from conftest import main_error_line as error_line
 from conftest import sigterm_when
 
 CKPT = ("checkpoints", "last.pt")
@@ -13,16 +14,6 @@ CKPT = ("checkpoints", "last.pt")
 
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def error_line(capsys, call):
-    """Run `call` (an entry point's main) and return its one `error: ...` line (exit 2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        call()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
 
 
 @pytest.fixture
