@@ -199,9 +199,9 @@ class TrainPath:
     other path), its optimisers, and its step."""
 
     def __init__(self, name, gen, disc, device, step_cfg, precision="fp32", plain=False, channels_last=False,
-                 fused=True, compile=False, num_classes=PANNUKE.num_classes, *, lr, betas):
+                 fused=True, compile=False, num_classes=PANNUKE.num_classes, edges=False, *, lr, betas):
         self.name, self.device, self.step_cfg, self.plain = name, device, step_cfg, plain
-        self.num_classes = num_classes
+        self.num_classes, self.edges = num_classes, edges
         self.channels_last = channels_last and not plain  # of weights and inputs, hence of the activations
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         self.gen = copy.deepcopy(gen).to(device, memory_format=layout)
@@ -224,7 +224,7 @@ class TrainPath:
         self.flops_per_step = self.warmup_s = None
 
     def step(self, labels, image):
-        mask, real = gan.prepare_batch(labels, image, self.device, self.channels_last, self.num_classes)
+        mask, real = gan.prepare_batch(labels, image, self.device, self.channels_last, self.num_classes, self.edges)
         if self.plain:
             return baseline_step(self.gen, self.disc, self.opt_g, self.opt_d, mask, real, self.step_cfg)
         losses = tu.gan_train_step(self.nets, mask, real, self.step_cfg)
@@ -382,7 +382,8 @@ def measure_training(args, device, precision, batches, warmup, tile):
     gen, disc = gan.build_generator(model_cfg), gan.build_discriminator(model_cfg)
     step_cfg = tu.StepConfig(rt.autocast_context(device, precision), args)
     channels_last = rt.resolve_channels_last(None, device)  # the training scripts' default layout
-    optim = dict(lr=args.lr, betas=(args.beta1, args.beta2), num_classes=LABEL_SETS[tile].num_classes)
+    optim = dict(lr=args.lr, betas=(args.beta1, args.beta2), num_classes=LABEL_SETS[tile].num_classes,
+                 edges=model_cfg["instance_edges"])
     paths = [TrainPath("baseline", gen, disc, device, step_cfg, plain=True, **optim),
              TrainPath("default", gen, disc, device, step_cfg, precision, channels_last=channels_last, **optim)]
     if args.ablations:
@@ -427,7 +428,7 @@ def measure_batch_sizes(args, device, precision, dataset, workers, warmup, tile,
         batches = crop_batches(training_batches(dataset, batch_size, warmup + args.steps, workers, device), tile)
         path = TrainPath("default", gen, disc, device, step_cfg, precision,
                          channels_last=rt.resolve_channels_last(None, device), num_classes=LABEL_SETS[tile].num_classes,
-                         lr=args.lr, betas=(args.beta1, args.beta2))
+                         edges=model_cfg["instance_edges"], lr=args.lr, betas=(args.beta1, args.beta2))
         time_training([path], batches, warmup, args.steps, interleave=False)
         rate = batch_size / path.timer.median()
         name = f"{figure_prefix(tile)}_batch{batch_size}"
@@ -476,16 +477,17 @@ def measure_segmenter(args, device, precision, layout):
     return figures
 
 
-def measure_generation(generator, labels, device, autocast, repeats, num_classes):
+def measure_generation(generator, labels, device, autocast, repeats, num_classes, edges):
     """Megapixels/s generating one class map with tiling.py: whole (reflect-padded to
     a multiple of 256, one forward) and in overlapping 256-px tiles, batched by 8."""
     def forward(mask, seeds):
         return gan.generate(generator, mask, autocast, "eval")
 
     megapixels = labels.size / 1e6
-    whole = median_seconds(lambda: generate_whole(forward, labels, device, num_classes=num_classes), device, repeats)
+    whole = median_seconds(lambda: generate_whole(forward, labels, device, num_classes=num_classes, edges=edges),
+                           device, repeats)
     tiled = median_seconds(lambda: generate_tiled(forward, labels, device, overlap=64, batch_size=8,
-                                                  num_classes=num_classes), device, repeats)
+                                                  num_classes=num_classes, edges=edges), device, repeats)
     return {"gen_image_px": labels.shape[0], "gen_whole_mpx_s": megapixels / whole, "gen_tiled_mpx_s": megapixels / tiled}
 
 
@@ -543,7 +545,8 @@ def bench(args):
             default = path if tile == 256 or default is None else default
         labels = batches[0][0][0].numpy()  # a real-format class map, mirrored out to size
         results.update(measure_generation(rt.unwrap(default.gen), tile_to(labels, args.gen_size), device,
-                                          default.step_cfg.autocast, args.repeats, default.num_classes))
+                                          default.step_cfg.autocast, args.repeats, default.num_classes,
+                                          default.edges))
         results.update(measure_loaders(args, dataset, labels, workers, device, tmp))
     results.update(measure_segmenter(args, device, precision, rt.resolve_channels_last(None, device)))
     # Each training image is one crop of the first tile timed: above 1.0 the loader keeps up with training.

@@ -195,6 +195,8 @@ class GanOption:
         return self.when is None or values.get(self.when[0]) == self.when[1]
 
 
+INSTANCE_DATASETS = ("conic", "pannuke")  # the data with instance maps, whose loaders mark edges (--instance-edges)
+
 GAN_OPTIONS = (
     # networks
     GanOption("generator", GENERATOR, group="networks", model=True, choices=GENERATORS, legacy="unet",
@@ -221,6 +223,10 @@ GAN_OPTIONS = (
               help="unet: per-pixel Gaussian noise added after each decoder block's upsampling, times a learned "
                    "per-channel scale that starts at 0 (StyleGAN's noise inputs), for stochastic texture; drawn "
                    "fresh every training step, seeded per image in test.py"),
+    GanOption("instance_edges", False, group="networks", model=True, legacy=False,
+              help="give G (and a conditional D) one more input channel marking the edges of nucleus instances "
+                   "(pix2pixHD's edge map), so touching nuclei of one class reach G as separate nuclei; needs "
+                   "instance maps (CoNIC and PanNuke data, the study), so not UniToPatho or folder data"),
     GanOption("unet_depth", None, group="networks", model=True, minimum=1, legacy=UNET_DEPTH_BEFORE_RECORDED, type=int,
               help="U-Net downsamplings; default: from the training tile, down to 1 x 1 (7 for 128 px, "
                    "8 for 256 px and larger), as pix2pix's unet_128 / unet_256; with --generator spade it "

@@ -21,14 +21,15 @@ RESUME_KEYS = GENERATOR_KEYS + ("config", "discriminator", "opt_g", "opt_d", "sc
                                 "batches_done", "step", "history", "rng", "partial_sums")
 
 
-def prepare_mask(labels, device, channels_last=True, num_classes=NUM_CLASSES):
-    """uint8 class maps from the loader -> one-hot masks on device ((B, K, H, W) items of several crops -> B*K)."""
+def prepare_mask(labels, device, channels_last=True, num_classes=NUM_CLASSES, edges=False):
+    """uint8 class maps from the loader -> one-hot masks on device ((B, K, H, W) items of several crops -> B*K),
+    with the instance-edge channel when `edges` (the model config's instance_edges)."""
     labels = labels.reshape(-1, *labels.shape[-2:]).to(device, non_blocking=True)
-    mask = labels_to_onehot(labels, num_classes)
+    mask = labels_to_onehot(labels, num_classes, edges=edges)
     return mask.contiguous(memory_format=torch.channels_last) if channels_last else mask
 
 
-def prepare_batch(labels, image, device, channels_last=True, num_classes=NUM_CLASSES):
+def prepare_batch(labels, image, device, channels_last=True, num_classes=NUM_CLASSES, edges=False):
     """uint8 class map + uint8 image from the loader -> one-hot mask and [-1, 1] image on device.
 
     Items holding several crops, (B, K, H, W) and (B, K, 3, H, W), become a batch of B*K."""
@@ -36,7 +37,7 @@ def prepare_batch(labels, image, device, channels_last=True, num_classes=NUM_CLA
     real = image.float().div_(127.5).sub_(1.0)
     if channels_last:
         real = real.contiguous(memory_format=torch.channels_last)
-    return prepare_mask(labels, device, channels_last, num_classes), real
+    return prepare_mask(labels, device, channels_last, num_classes, edges), real
 
 
 def model_config(cfg, labels, tile):
@@ -81,12 +82,22 @@ def num_classes(model_cfg):
     return get_label_set(model_cfg["label_set"]).num_classes
 
 
+def uses_instance_edges(model_cfg):
+    """Whether the networks read the instance-edge channel (--instance-edges; older checkpoints do not)."""
+    return fill_legacy(model_cfg)["instance_edges"]
+
+
+def mask_channels(model_cfg):
+    """Channels of the one-hot mask G (and a conditional D) reads: a class each, and the instance edges."""
+    return num_classes(model_cfg) + int(uses_instance_edges(model_cfg))
+
+
 def build_generator(cfg):
     cfg = fill_legacy(cfg)
     if cfg["generator"] == "spade":
-        return init_weights(SPADEGenerator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"],
+        return init_weights(SPADEGenerator(mask_channels(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"],
                                            noise_dim=cfg["noise_dim"]))
-    return init_weights(Generator(num_classes(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"], dropout=cfg["dropout"],
+    return init_weights(Generator(mask_channels(cfg), 3, ngf=cfg["ngf"], norm=cfg["norm"], dropout=cfg["dropout"],
                                   num_downs=cfg["unet_depth"], upsample=cfg["upsample"],
                                   noise_inject=cfg["noise_inject"]))
 
@@ -98,10 +109,10 @@ def build_discriminator(cfg):
         # where N(0, 0.02) would shrink them block by block.
         disc = OasisDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"])
     elif cfg["discriminator"] == "multiscale":
-        disc = init_weights(MultiscaleDiscriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"],
+        disc = init_weights(MultiscaleDiscriminator(mask_channels(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"],
                                                     num_scales=cfg["num_d_scales"]))
     else:
-        disc = init_weights(Discriminator(num_classes(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
+        disc = init_weights(Discriminator(mask_channels(cfg), 3, ndf=cfg["ndf"], norm=cfg["norm"]))
     return spectral_normalised(disc) if cfg["d_spectral_norm"] else disc
 
 

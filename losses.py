@@ -115,9 +115,15 @@ def labelmix_loss(d, classes, num_classes, real, fake, d_real, d_fake):
     return F.mse_loss(d_mixed.float(), (pick * d_real.float() + (1 - pick) * d_fake.float()))
 
 
+def mask_classes(mask, num_classes):
+    """(B, H, W) class ids of a one-hot mask; its channels past the classes (the instance edges) are left out."""
+    return mask[:, :num_classes].argmax(1)
+
+
 def oasis_d_loss(d, mask, real, fake, cfg):
-    classes, num_classes = mask.argmax(1), mask.shape[1]
     d_real, d_fake = d(real), d(fake)
+    num_classes = d_real.shape[1] - 1  # OASIS's D predicts a class per pixel, or "fake"
+    classes = mask_classes(mask, num_classes)
     loss = balanced_cross_entropy(d_real, classes) + balanced_cross_entropy(d_fake, torch.full_like(classes, num_classes))
     if cfg.labelmix_lambda:
         loss = loss + cfg.labelmix_lambda * labelmix_loss(d, classes, num_classes, real, fake, d_real, d_fake)
@@ -125,7 +131,8 @@ def oasis_d_loss(d, mask, real, fake, cfg):
 
 
 def oasis_g_loss(d, mask, real, fake, cfg):
-    return balanced_cross_entropy(d(fake), mask.argmax(1))
+    d_fake = d(fake)
+    return balanced_cross_entropy(d_fake, mask_classes(mask, d_fake.shape[1] - 1))
 
 
 # --------------------------------------------------------------------------- regularisers

@@ -40,14 +40,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from config import CONIC_TEST_FRACTION, FOLDER_TEST_FRACTION, SEED, check_option_ranges, test_parser
+from config import (CONIC_TEST_FRACTION, FOLDER_TEST_FRACTION, INSTANCE_DATASETS, SEED, check_option_ranges,
+                    test_parser)
 from dataset.conic import build_conic, write_repainted_folder
 from dataset.folder import FolderTiles, open_folder, split_folder, write_classes
 from dataset.masks import get_label_set
 from dataset.pannuke import build_pannuke
 from dataset.unitopatho import UniToPatho
 from dataset.unitopatho_mask import UniToPathoPairs, centre_origin, read_mask
-from gan import generate, load_generator, prepare_batch
+from gan import generate, load_generator, prepare_batch, uses_instance_edges
 from report import to_uint8_image, triplet_grid
 from run_folder import RunFolder, input_paths, manifest_options
 from runtime import autocast_context, barrier, claim_folder, distributed, resolve_precision
@@ -186,12 +187,16 @@ def open_inputs(args, ckpt):
     """What to generate from: PanNuke test patches, UniToPatho (image, mask) pairs, a
     CoNIC split, or a folder's tiles; its masks must be in the generator's label set."""
     data_dir = data_dir_of(args, ckpt)
+    edges = uses_instance_edges(ckpt["model_config"])
+    if edges and args.dataset not in INSTANCE_DATASETS:
+        raise UserError(f"checkpoint {args.checkpoint} paints from class maps with nucleus instance edges "
+                        f"(--instance-edges), which {args.dataset} masks do not have; give PanNuke or CoNIC data")
     if args.masks_only and args.dataset != "folder":
         raise UserError(f"--masks-only paints a folder of masks: add --dataset folder (not {args.dataset})")
     if args.dataset == "folder":
         return open_folder_inputs(args, ckpt, data_dir)
     if args.dataset == "pannuke":
-        inputs = build_pannuke(data_dir, args.test_folds, args.tissue, augment=False, split="test")
+        inputs = build_pannuke(data_dir, args.test_folds, args.tissue, augment=False, split="test", edges=edges)
     elif args.dataset == "unitopatho":
         inputs = UniToPathoPairs(UniToPatho(data_dir, args.split), args.masks_dir, augment=False)
     else:
@@ -199,7 +204,7 @@ def open_inputs(args, ckpt):
         inputs = build_conic(data_dir, args.split, seed=run.get("seed", SEED),
                              test_fraction=run.get("test_fraction", CONIC_TEST_FRACTION),
                              split_file=args.split_file or run.get("split_file"),
-                             label_set=args.label_set or run.get("label_set", "conic"))
+                             label_set=args.label_set or run.get("label_set", "conic"), edges=edges)
     wanted = get_label_set(ckpt["model_config"]["label_set"])
     if not inputs.label_set.same_classes(wanted):
         raise UserError(f"{data_dir} gives masks in the {inputs.label_set.describe()}, but checkpoint "
@@ -220,6 +225,11 @@ class Painter:
     @property
     def label_set(self):
         return get_label_set(self.ckpt["model_config"]["label_set"])
+
+    @property
+    def edges(self):
+        """Whether the generator reads the instance-edge channel."""
+        return uses_instance_edges(self.ckpt["model_config"])
 
     @property
     def multiple(self):
@@ -246,7 +256,8 @@ def generate_patches(args, painter, dataset, out_dir):
     for start in range(0, len(todo), args.batch_size):
         batch = todo[start:start + args.batch_size]
         labels, images = map(torch.stack, zip(*(dataset[i] for i in batch)))
-        mask, real = prepare_batch(labels, images, painter.device, args.channels_last, labels_set.num_classes)
+        mask, real = prepare_batch(labels, images, painter.device, args.channels_last, labels_set.num_classes,
+                                   painter.edges)
         fake = generate_images(painter.generator, mask, painter.autocast, args.norm_mode, [args.seed + i for i in batch])
         for i, f in zip(batch, fake):
             atomic_save_png(to_uint8_image(f), outputs[i])
@@ -284,8 +295,9 @@ def paint_at_native_size(args, painter, labels, seed):
     num_classes = painter.label_set.num_classes
     if args.tile:
         return generate_tiled(forward, labels, painter.device, args.tile_overlap, args.batch_size, seed,
-                              args.channels_last, tile=painter.multiple, num_classes=num_classes)
-    return generate_whole(forward, labels, painter.device, seed, args.channels_last, painter.multiple, num_classes)
+                              args.channels_last, tile=painter.multiple, num_classes=num_classes, edges=painter.edges)
+    return generate_whole(forward, labels, painter.device, seed, args.channels_last, painter.multiple, num_classes,
+                          painter.edges)
 
 
 def generate_unitopatho(args, painter, pairs=None):

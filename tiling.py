@@ -8,6 +8,7 @@ tiled: overlapping tiles of that size, batched, blended with a window that ramps
     sin^2 over the overlap, so neighbouring weights sum to one and seams vanish;
     memory per pass is bounded by the batch of tiles.
 
+Class maps may carry instance edges (dataset.masks.EDGE_BIT), which `edges` adds as a channel.
 `forward(mask, seeds)` maps a one-hot (N, C, H, W) batch to (N, 3, H, W) in
 [-1, 1]; `seeds` (one per input) lets train-mode normalisation be reproducible.
 """
@@ -28,18 +29,18 @@ def reflect_pad(labels, height, width):
     return np.pad(labels, pad, mode="reflect"), top, left
 
 
-def to_mask(labels, device, channels_last, num_classes):
-    mask = labels_to_onehot(torch.from_numpy(np.ascontiguousarray(labels)).to(device), num_classes)
+def to_mask(labels, device, channels_last, num_classes, edges=False):
+    mask = labels_to_onehot(torch.from_numpy(np.ascontiguousarray(labels)).to(device), num_classes, edges=edges)
     return mask.contiguous(memory_format=torch.channels_last) if channels_last else mask
 
 
 def generate_whole(forward, labels, device, seed=0, channels_last=True, multiple=SIZE_MULTIPLE,
-                   num_classes=NUM_CLASSES):
+                   num_classes=NUM_CLASSES, edges=False):
     """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), in one pass
     over the map reflect-padded to a `multiple` of the generator's input size."""
     h, w = labels.shape
     padded, top, left = reflect_pad(labels, math.ceil(h / multiple) * multiple, math.ceil(w / multiple) * multiple)
-    fake = forward(to_mask(padded[None], device, channels_last, num_classes), [seed])[0]
+    fake = forward(to_mask(padded[None], device, channels_last, num_classes, edges), [seed])[0]
     return fake[:, top:top + h, left:left + w].float().cpu()
 
 
@@ -83,7 +84,7 @@ def blend_tiles(run, height, width, tile, overlap, batch_size, device):
 
 
 def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, channels_last=True,
-                   tile=SIZE_MULTIPLE, num_classes=NUM_CLASSES):
+                   tile=SIZE_MULTIPLE, num_classes=NUM_CLASSES, edges=False):
     """(H, W) class map -> (3, H, W) float image in [-1, 1] (on the CPU), from
     overlapping tiles blended by `blend_window`."""
     if not 0 <= overlap < tile:
@@ -96,7 +97,7 @@ def generate_tiled(forward, labels, device, overlap=64, batch_size=8, seed=0, ch
         crops = np.stack([padded[y:y + tile, x:x + tile] for y, x in batch])
         # Tile seeds differ from each other and from other images' (seed * 10^6 + tile).
         seeds = [seed * 1_000_000 + first + i for i in range(len(batch))]
-        return forward(to_mask(crops, device, channels_last, num_classes), seeds)
+        return forward(to_mask(crops, device, channels_last, num_classes, edges), seeds)
 
     fake = blend_tiles(run, *padded.shape, tile, overlap, batch_size, device)
     return fake[:, top:top + h, left:left + w].cpu()

@@ -18,8 +18,9 @@ def build_datasets(args):
         prepare_demo(args.data_dir)
     check_fold_overlap(args.data_dir, args.train_folds, args.test_folds, args.allow_overlap)
     train_set = build_pannuke(args.data_dir, args.train_folds, args.tissue, augment=True, split="train",
-                              check_data=args.check_data)
-    sample_set = build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test")
+                              check_data=args.check_data, edges=args.instance_edges)
+    sample_set = build_pannuke(args.data_dir, args.test_folds, args.tissue, augment=False, split="test",
+                               edges=args.instance_edges)
     return train_set, sample_set
 
 

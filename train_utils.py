@@ -19,8 +19,8 @@ from torch import nn
 from tqdm import tqdm
 
 from config import (EMA_BATCHNORM_BATCH_SIZE, EMA_BATCHNORM_BATCHES, EVAL_BATCH_SIZE, EVAL_FEATURE_WIDTH, EVAL_SEED,
-                    EVAL_TILES, GAN_OPTIONS, R1_INTERVAL, check_budget_left, check_epochs_left, check_training_config,
-                    flag_text, gan_values, settle_config, training_parser)
+                    EVAL_TILES, GAN_OPTIONS, INSTANCE_DATASETS, R1_INTERVAL, check_budget_left, check_epochs_left,
+                    check_training_config, flag_text, gan_values, settle_config, training_parser)
 from augment import DiscriminatorAugment
 from dataset.masks import get_label_set
 from ema import GeneratorEMA, recompute_batchnorm_stats
@@ -124,7 +124,7 @@ class Networks:
         return self.ema.state_dict()
 
 
-def ema_mask_batches(train_set, device, channels_last, num_classes):
+def ema_mask_batches(train_set, device, channels_last, num_classes, edges=False):
     """A function giving the fixed training masks the average's BatchNorm statistics are
     re-estimated from, as one-hot batches of at least two (BatchNorm's minimum). The masks are
     spread evenly over the training set: its first tiles often come from a few source images,
@@ -134,7 +134,7 @@ def ema_mask_batches(train_set, device, channels_last, num_classes):
     batches = [torch.stack(labels[i:i + EMA_BATCHNORM_BATCH_SIZE])
                for i in range(0, count, EMA_BATCHNORM_BATCH_SIZE)]
     batches = [b for b in batches if b[..., 0, 0].numel() >= 2]
-    return lambda: (prepare_mask(b, device, channels_last, num_classes) for b in batches)
+    return lambda: (prepare_mask(b, device, channels_last, num_classes, edges) for b in batches)
 
 
 def discriminator_logits(output):
@@ -235,8 +235,9 @@ class RealismProbe:
     would move its own yardstick; random features fixed by a seed score every step of a run, and of its
     resumes, in the same space. Lower is better; the numbers compare only within one run."""
 
-    def __init__(self, items, num_classes, device, channels_last, autocast):
+    def __init__(self, items, num_classes, device, channels_last, autocast, edges=False):
         self.num_classes, self.device, self.channels_last, self.autocast = num_classes, device, channels_last, autocast
+        self.edges = edges
         with torch.random.fork_rng(devices=[]):  # leaves the training run's random stream as it was
             torch.manual_seed(EVAL_SEED)
             self.net = build_segmenter({"encoder": "unet", "width": EVAL_FEATURE_WIDTH})
@@ -259,7 +260,7 @@ class RealismProbe:
     def score(self, generator):
         fakes, start = [], 0
         for labels, _ in self.batches:
-            mask = prepare_mask(labels, self.device, self.channels_last, self.num_classes)
+            mask = prepare_mask(labels, self.device, self.channels_last, self.num_classes, self.edges)
             seeds = range(start, start + len(mask))
             fakes.append(self.features(generate(generator, mask, self.autocast, "eval", seeds)))
             start += len(mask)
@@ -331,6 +332,7 @@ class Samples:
     device: torch.device
     channels_last: bool
     autocast: object
+    edges: bool = False   # the instance-edge channel (model config's instance_edges)
 
 
 def epoch_extras(nets):
@@ -362,7 +364,8 @@ def epoch_outputs(cfg, loop, nets, position, epoch, means, history, samples, run
     out_dir = Path(cfg.out_dir)
     grid_path = out_dir / "samples" / f"epoch_{epoch:04d}.png"
     if samples.items is not None:
-        mask, real = prepare_batch(*samples.items, samples.device, samples.channels_last, samples.labels.num_classes)
+        mask, real = prepare_batch(*samples.items, samples.device, samples.channels_last, samples.labels.num_classes,
+                                   samples.edges)
         fake = generate(nets.painter(), mask, samples.autocast, "eval")
         atomic_save_png(triplet_grid(samples.items[0], real, fake, samples.labels), grid_path)
     save_loss_plot(history, out_dir / "loss_curves.png")
@@ -396,12 +399,15 @@ def run_training(cfg, resume, build_datasets, require_distributed=False, folder_
         ckpt_dir = Path(cfg.out_dir) / "checkpoints"
         precision = resolve_precision(cfg.precision, device)
         autocast = autocast_context(device, precision)
+        if cfg.instance_edges and cfg.dataset not in INSTANCE_DATASETS:
+            raise UserError(f"--instance-edges needs nucleus instance maps, which {cfg.data_dir} ({cfg.dataset} "
+                            f"data) does not have; CoNIC and PanNuke data do")
         with (contextlib.nullcontext() if folder_owned else claim_run_dir(cfg, "GAN training", resume, info)) as folder:
             # --- data, and the networks it asks for
             train_set, sample_set = build_datasets(cfg)
             if len(train_set) == 0:
                 raise UserError(f"no training images in {cfg.data_dir} with these options; nothing to train on")
-            labels = train_set.label_set
+            labels, edges = train_set.label_set, cfg.instance_edges
             model_cfg = model_config(cfg, labels, train_set[0][0].shape[-1])
             check_resume(cfg, model_cfg, resume)
             check_model_config(model_cfg)
@@ -414,7 +420,7 @@ def run_training(cfg, resume, build_datasets, require_distributed=False, folder_
             loader = make_loader(train_set, cfg.batch_size, workers, device, sampler=sampler, generator=loader_rng)
             shown = [sample_set[i] for i in range(min(cfg.num_samples, len(sample_set)))]
             samples = Samples(tuple(map(torch.stack, zip(*shown))) if shown else None, labels, device, channels_last,
-                              autocast)
+                              autocast, edges)
             probe = None
             if cfg.eval_every:
                 held_out = [sample_set[i] for i in range(min(EVAL_TILES, len(sample_set)))]
@@ -422,12 +428,12 @@ def run_training(cfg, resume, build_datasets, require_distributed=False, folder_
                     raise UserError(f"--eval-every compares the painted and real held-out tiles, and needs at "
                                     f"least 2 of them; {cfg.data_dir} gives {len(held_out)} with these options")
                 if info.is_main:  # rank 0 alone paints and scores; evaluate shares the score
-                    probe = RealismProbe(held_out, labels.num_classes, device, channels_last, autocast)
+                    probe = RealismProbe(held_out, labels.num_classes, device, channels_last, autocast, edges)
 
             # --- networks and where the run stands
             nets = build_networks(cfg, model_cfg, resume, info, device, channels_last, precision)
             if nets.ema is not None:
-                nets.ema_masks = ema_mask_batches(train_set, device, channels_last, labels.num_classes)
+                nets.ema_masks = ema_mask_batches(train_set, device, channels_last, labels.num_classes, edges)
             best = Best.from_checkpoint(resume)
             loop = Loop(cfg.out_dir, info, device, LOSS_NAMES,
                         lambda: gan_payload(cfg, model_cfg, nets, channels_last, best), stop, cfg.log_every,
@@ -451,7 +457,7 @@ def run_training(cfg, resume, build_datasets, require_distributed=False, folder_
 
             def step(batch):
                 schedule_lr()
-                mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes)
+                mask, real = prepare_batch(*batch, device, channels_last, labels.num_classes, edges)
                 losses = gan_train_step(nets, mask, real, step_cfg, position.step + 1)
                 if nets.ema is not None:
                     nets.ema.update(unwrap(nets.generator), len(mask))

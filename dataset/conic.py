@@ -28,7 +28,7 @@ import torch
 
 from dataset.common import (SeededAugmentation, check_overlap, joint_augmentation, load_npy, read_rgb, split_item,
                             to_item)
-from dataset.masks import CONIC, CONIC_TO_PANNUKE, get_label_set
+from dataset.masks import CONIC, CONIC_TO_PANNUKE, get_label_set, mark_edges
 from utils import UserError, atomic_save_npy, atomic_save_text
 
 FILES = ("images.npy", "labels.npy", "patch_info.csv")
@@ -231,12 +231,13 @@ class CoNIC(torch.utils.data.Dataset):
     """The patches `indices` (all by default) of a CoNIC folder, memory-mapped.
 
     label_set "conic" keeps the 7 CoNIC classes; "pannuke" maps them through
-    dataset.masks.CONIC_TO_PANNUKE. instances(i) and classes(i) give item i's raw
+    dataset.masks.CONIC_TO_PANNUKE. With `edges` the items' class maps carry the
+    instance edges (dataset.masks.mark_edges). instances(i) and classes(i) give item i's raw
     instance and CoNIC class maps (numpy, never augmented).
     """
 
-    def __init__(self, data_dir, indices=None, augment=False, label_set="conic", check_data=False):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir, indices=None, augment=False, label_set="conic", check_data=False, edges=False):
+        self.data_dir, self.edges = Path(data_dir), edges
         self.images, self.labels, all_names = open_conic(data_dir, check_data=check_data)
         if indices is None:
             indices = np.arange(len(all_names))
@@ -282,14 +283,17 @@ class CoNIC(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, seed = split_item(item)
         image = np.array(self.images[int(self.indices[index])])   # a copy: the memory map is read-only
-        labels = self.lut[self.classes(index)]
+        raw = self._raw_labels(index)
+        labels = self.lut[raw[..., 1].astype(np.uint8)]
+        if self.edges:
+            labels = mark_edges(labels, raw[..., 0].astype(np.int32))
         if self.augment:
             image, labels = self.augment(image, labels, seed)
         return to_item(image, labels)
 
 
 def build_conic(data_dir, split, seed=0, test_fraction=0.2, split_file=None, augment=False, label_set="conic",
-                check_data=False):
+                check_data=False, edges=False):
     """The `split` ("train" or "test") side of a CoNIC folder: from split_file when given,
     else split_by_source(names, test_fraction, seed)."""
     if split not in ("train", "test"):
@@ -302,14 +306,16 @@ def build_conic(data_dir, split, seed=0, test_fraction=0.2, split_file=None, aug
     else:
         train_idx, test_idx = split_by_source(names, test_fraction=test_fraction, seed=seed)
     # open_conic already checked the data (all of it with check_data): sample checks only here.
-    return CoNIC(data_dir, train_idx if split == "train" else test_idx, augment=augment, label_set=label_set)
+    return CoNIC(data_dir, train_idx if split == "train" else test_idx, augment=augment, label_set=label_set,
+                 edges=edges)
 
 
 def gan_datasets(cfg):
     """(training set, sample set) of a GAN run on a CoNIC folder (train_conic.py, the quality study): the
     split of cfg (its split file, or seeded by source image), written to OUT/split.csv by the first process;
     the sample grids show the test tiles with the most nucleus pixels (most_nuclei_first)."""
-    split = dict(seed=cfg.seed, test_fraction=cfg.test_fraction, split_file=cfg.split_file, label_set=cfg.label_set)
+    split = dict(seed=cfg.seed, test_fraction=cfg.test_fraction, split_file=cfg.split_file, label_set=cfg.label_set,
+                 edges=cfg.instance_edges)
     train_set = build_conic(cfg.data_dir, "train", augment=True, check_data=cfg.check_data, **split)
     test_set = build_conic(cfg.data_dir, "test", **split)
     if cfg.split_file is not None:
@@ -317,7 +323,7 @@ def gan_datasets(cfg):
     if int(os.environ.get("RANK", 0)) == 0:
         write_split_file(Path(cfg.out_dir) / "split.csv", train_set.all_names, train_set.indices, test_set.indices)
     shown = test_set.indices[most_nuclei_first(test_set.classes(i) for i in range(len(test_set)))]
-    return train_set, CoNIC(cfg.data_dir, shown, label_set=cfg.label_set)
+    return train_set, CoNIC(cfg.data_dir, shown, label_set=cfg.label_set, edges=cfg.instance_edges)
 
 
 def write_conic_folder(out_dir, images, labels, names, counts=None):

@@ -33,6 +33,10 @@ PALETTE = np.array([
 
 
 MAX_CLASSES = 256   # class maps are uint8
+# With --instance-edges the loaders mark the pixels on a nucleus instance's edge (instance_edges) by
+# setting this bit of the class map, so the edges travel with the classes through crops, flips and
+# batching. Only label sets of at most EDGE_BIT classes can carry it (CoNIC's and PanNuke's can).
+EDGE_BIT = 128
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,15 +207,29 @@ def instance_edges(instance_map):
     return edges.astype(np.uint8)
 
 
-def labels_to_onehot(labels, num_classes=NUM_CLASSES, dtype=torch.float32):
-    """(..., H, W) integer class map tensor -> (..., num_classes, H, W) one-hot."""
-    onehot = torch.nn.functional.one_hot(labels.long(), num_classes)
-    return onehot.movedim(-1, -3).to(dtype)
+def mark_edges(classes, instances):
+    """(H, W) uint8 class map with EDGE_BIT set where instance_edges(instances) is 1."""
+    return np.where(instance_edges(instances) > 0, classes | EDGE_BIT, classes).astype(np.uint8)
+
+
+def class_ids(labels, num_classes):
+    """A class map (numpy or torch) without the EDGE_BIT marks, for a label set of num_classes classes."""
+    return labels & (EDGE_BIT - 1) if num_classes <= EDGE_BIT else labels
+
+
+def labels_to_onehot(labels, num_classes=NUM_CLASSES, dtype=torch.float32, edges=False):
+    """(..., H, W) integer class map tensor -> (..., num_classes, H, W) one-hot; with `edges`, one more
+    channel, 1 on the pixels whose EDGE_BIT is set (the instance edges, pix2pixHD's edge map)."""
+    labels = labels.long()
+    onehot = torch.nn.functional.one_hot(class_ids(labels, num_classes), num_classes).movedim(-1, -3)
+    if edges:
+        onehot = torch.cat([onehot, (labels >= EDGE_BIT).long().unsqueeze(-3)], dim=-3)
+    return onehot.to(dtype)
 
 
 def labels_to_rgb(labels, labels_set=PANNUKE):
     """(H, W) class map -> (H, W, 3) uint8 palette image (for figures and mask PNGs)."""
-    return labels_set.palette[np.asarray(labels)]
+    return labels_set.palette[class_ids(np.asarray(labels), labels_set.num_classes)]
 
 
 def rgb_to_labels(rgb, tolerance=40, source="mask", labels_set=PANNUKE):

@@ -18,7 +18,7 @@ import torch
 
 from dataset.common import (SeededAugmentation, check_overlap, joint_augmentation, load_npy, read_rgb, split_item,
                             to_item)
-from dataset.masks import NUM_CLASSES, PANNUKE, pannuke_to_labels
+from dataset.masks import NUM_CLASSES, PANNUKE, mark_edges, pannuke_to_instances, pannuke_to_labels
 from utils import UserError
 
 TISSUES = ("Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon", "Esophagus", "HeadNeck",
@@ -110,7 +110,8 @@ class PanNukeFolds(torch.utils.data.Dataset):
 
     label_set = PANNUKE
 
-    def __init__(self, data_dir, folds, tissue="Colon", augment=False, check_data=False):
+    def __init__(self, data_dir, folds, tissue="Colon", augment=False, check_data=False, edges=False):
+        self.edges = edges
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"PanNuke data directory not found: {data_dir}")
@@ -143,7 +144,7 @@ class PanNukeFolds(torch.utils.data.Dataset):
             raise UserError(f"{paths['images']}: patch {i} holds pixel values within 0..1 (at most "
                             f"{float(image.max()):g}); PanNuke images hold 0..255: multiply by 255 first")
         image = image.astype(np.uint8)
-        labels = pannuke_to_labels(mask)
+        labels = mask_labels(mask, self.edges)
         if self.augment:
             image, labels = self.augment(image, labels, seed)
         return to_item(image, labels)
@@ -154,7 +155,8 @@ class PanNukeConverted(torch.utils.data.Dataset):
 
     label_set = PANNUKE
 
-    def __init__(self, data_dir, split, augment=False):
+    def __init__(self, data_dir, split, augment=False, edges=False):
+        self.edges = edges
         root = Path(data_dir) / split
         images_dir, masks_dir = root / "data", root / "masks"
         if not images_dir.is_dir() or not masks_dir.is_dir():
@@ -182,10 +184,16 @@ class PanNukeConverted(torch.utils.data.Dataset):
         if not np.isfinite(mask).all() or mask.min() < 0:
             raise UserError(f"{self.masks[index]}: NaN, infinite or negative mask values; expected instance ids "
                             f">= 0 and a 0/1 background channel")
-        labels = pannuke_to_labels(mask)
+        labels = mask_labels(mask, self.edges)
         if self.augment:
             image, labels = self.augment(image, labels, seed)
         return to_item(image, labels)
+
+
+def mask_labels(mask, edges):
+    """(H, W, 6) PanNuke mask -> the loaders' class map, its instance edges marked when `edges`."""
+    labels = pannuke_to_labels(mask)
+    return mark_edges(labels, pannuke_to_instances(mask)) if edges else labels
 
 
 def is_converted_layout(data_dir):
@@ -203,8 +211,9 @@ def check_fold_overlap(data_dir, train_folds, test_folds, allow_overlap=False):
                       "different folds on each side", allow_overlap)
 
 
-def build_pannuke(data_dir, folds, tissue, augment, split, check_data=False):
-    """Official folds when present; the converted layout's `split` otherwise."""
+def build_pannuke(data_dir, folds, tissue, augment, split, check_data=False, edges=False):
+    """Official folds when present; the converted layout's `split` otherwise. With `edges` the class
+    maps carry the instance edges (dataset.masks.mark_edges)."""
     if is_converted_layout(data_dir):
-        return PanNukeConverted(data_dir, split, augment=augment)
-    return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment, check_data=check_data)
+        return PanNukeConverted(data_dir, split, augment=augment, edges=edges)
+    return PanNukeFolds(data_dir, folds, tissue=tissue, augment=augment, check_data=check_data, edges=edges)

@@ -25,8 +25,9 @@ from degradations import calibration_ladder
 from dataset.conic import (CoNIC, gan_datasets, most_nuclei_first, open_conic, patch_source, read_split_file,
                            split_by_source, write_conic_folder, write_split_file)
 from dataset.layouts import new_layouts, relabel_instances
-from dataset.masks import CONIC, get_label_set, labels_to_onehot, labels_to_rgb
-from gan import generate, load_generator, parameter_counts, read_checkpoint, read_resume_checkpoint
+from dataset.masks import CONIC, get_label_set, labels_to_onehot, labels_to_rgb, mark_edges
+from gan import (generate, load_generator, parameter_counts, read_checkpoint, read_resume_checkpoint,
+                 uses_instance_edges)
 from generator_model import depth_for_tile
 from quality.options import GAN_OPTIONS
 from report import grid, to_uint8_image
@@ -363,16 +364,20 @@ def gan_stage(study, k):
 # --------------------------------------------------------------------------- 4. synthetic tiles
 
 @torch.no_grad()
-def paint(study, checkpoint, classes, first_seed=0):
-    """uint8 (N, H, W, 3) tiles painted from (N, H, W) class maps by a checkpoint's generator in eval mode
-    (running BatchNorm statistics, no dropout: a tile does not depend on its batch); tile i's noise, for
-    generators that take noise, is seeded from first_seed + i."""
+def paint(study, checkpoint, classes, instances, first_seed=0):
+    """uint8 (N, H, W, 3) tiles painted from (N, H, W) class maps (and their instance maps, for a generator
+    that reads the instance edges) by a checkpoint's generator in eval mode (running BatchNorm statistics,
+    no dropout: a tile does not depend on its batch); tile i's noise, for generators that take noise, is
+    seeded from first_seed + i."""
     generator, ckpt = load_generator(checkpoint, study.device)
     num_classes = get_label_set(ckpt["model_config"]["label_set"]).num_classes
+    edges = uses_instance_edges(ckpt["model_config"])
+    if edges:
+        classes = np.stack([mark_edges(c, i) for c, i in zip(classes, instances)])
     tiles = []
     for start in range(0, len(classes), STUDY_PAINT_BATCH):
         mask = labels_to_onehot(torch.from_numpy(classes[start:start + STUDY_PAINT_BATCH]).to(study.device),
-                                num_classes)
+                                num_classes, edges=edges)
         seeds = range(first_seed + start, first_seed + start + len(mask))
         tiles += [to_uint8_image(fake) for fake in generate(generator, mask, study.autocast, "eval", seeds)]
     return np.stack(tiles)
@@ -403,8 +408,8 @@ def synthetic_stage(study, k, source):
                               class_weights=weights)
         classes, instances = map(np.stack, zip(*layouts))
         names = [f"layout-{j:05d}" for j in range(count)]
-    write_tiles(study.kdir(k) / f"synthetic_{source}", paint(study, study.gan_checkpoint(k), classes), classes,
-                instances, names)
+    write_tiles(study.kdir(k) / f"synthetic_{source}", paint(study, study.gan_checkpoint(k), classes, instances),
+                classes, instances, names)
     return {"tiles": len(names), **info}
 
 
@@ -461,12 +466,13 @@ def realism_scores(study, real, real_features, other, other_features):
             "prdc": metrics.prdc(real_features, other_features, k=k) if k >= 1 else None}
 
 
-def sample_diversity(study, checkpoint, classes, model):
+def sample_diversity(study, checkpoint, classes, instances, model):
     """Mean pairwise distance, in the reference segmenter's pooled features, between STUDY_DIVERSITY_SAMPLES
     paintings of each mask with different seeds: 0 for a generator that paints a mask one way only
     (pix2pix in eval mode), above 0 when noise makes the paintings differ."""
-    features = torch.stack([segmenter_features(model, paint(study, checkpoint, classes, j * STUDY_DIVERSITY_SEED_STEP),
-                                               study.device) for j in range(STUDY_DIVERSITY_SAMPLES)], 1)  # (masks, K, D)
+    features = torch.stack([segmenter_features(model, paint(study, checkpoint, classes, instances,
+                                                            j * STUDY_DIVERSITY_SEED_STEP), study.device)
+                            for j in range(STUDY_DIVERSITY_SAMPLES)], 1)  # (masks, K, D)
     k = features.shape[1]
     return {"samples_per_mask": k, "masks": len(classes),
             "mean_pairwise_feature_distance": float(torch.cdist(features, features).sum((1, 2)).mean() / (k * (k - 1)))}
@@ -480,7 +486,7 @@ def realism_stage(study, reference):
     args, test, folder = study.args, study.test, study.out / "realism"
     k = max(args.fractions)
     started = time.perf_counter()
-    fake = paint(study, study.gan_checkpoint(k), test.classes)
+    fake = paint(study, study.gan_checkpoint(k), test.classes, test.instances)
     paint_seconds = time.perf_counter() - started
     write_tiles(folder / "synthetic_test", fake, test.classes, test.instances, test.names)
     model, _ = load_segmenter(study.out / "reference" / "segmenter.pt", study.device)
@@ -498,8 +504,8 @@ def realism_stage(study, reference):
     most_nuclei = most_nuclei_first(test.classes)
     rows = [[labels_to_rgb(test.classes[i], CONIC), test.images[i], fake[i]] for i in most_nuclei[:STUDY_GRID_ROWS]]
     atomic_save_png(grid(rows), folder / "grid.png")
-    diversity = sample_diversity(study, study.gan_checkpoint(k), test.classes[most_nuclei[:STUDY_DIVERSITY_MASKS]],
-                                 model)
+    shown = most_nuclei[:STUDY_DIVERSITY_MASKS]
+    diversity = sample_diversity(study, study.gan_checkpoint(k), test.classes[shown], test.instances[shown], model)
     return {"gan": f"{k:g}", "tiles": len(fake), "tiles_per_second": len(fake) / paint_seconds,
             "halves": [len(half_a), len(half_b)], **realism,
             "diversity": diversity,

@@ -63,7 +63,7 @@ def test_conic_run_records_label_set_depth_and_split(conic_run, conic_128):
 
 def test_gan_samples_are_the_test_tiles_with_most_nuclei_first(conic_128, tmp_path):
     cfg = SimpleNamespace(data_dir=conic_128, seed=1, test_fraction=0.3, split_file=None, label_set="pannuke",
-                          check_data=False, out_dir=tmp_path)
+                          check_data=False, out_dir=tmp_path, instance_edges=False)
     train_set, samples = gan_datasets(cfg)
     train, test = read_split_file(tmp_path / "split.csv", train_set.all_names)
     assert np.array_equal(train, train_set.indices) and sorted(samples.indices) == sorted(test)

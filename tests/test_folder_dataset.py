@@ -310,3 +310,12 @@ def test_a_lizard_folder_trains_on_the_conic_runs_tiles_and_shows_the_same_masks
     assert folder_shown.names == conic_shown.names
     for i in range(len(folder_shown)):
         assert torch.equal(folder_shown[i][0], conic_shown[i][0])
+
+
+def test_instance_edges_are_refused_for_folder_data(tmp_path, capsys):
+    root = write_folder(tmp_path / "data", tiny_tiles())
+    with pytest.raises(SystemExit) as exit_info:
+        train_folder(folder_argv(root, tmp_path / "run", "--instance-edges"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--instance-edges needs nucleus instance maps" in err[0], err
+    assert str(root) in err[0]

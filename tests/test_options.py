@@ -65,7 +65,7 @@ def test_model_config_records_only_the_options_of_the_chosen_networks():
     unet = gan.model_config(training_parser().parse_args([]), CONIC, 128)
     assert unet == {"label_set": "conic", "generator": "unet", "upsample": "resize", "discriminator": "multiscale",
                     "ngf": 64, "ndf": 64, "norm": "batch", "dropout": True, "noise_inject": False, "unet_depth": 7,
-                    "noise_dim": 0, "d_spectral_norm": False, "num_d_scales": 2}
+                    "noise_dim": 0, "d_spectral_norm": False, "num_d_scales": 2, "instance_edges": False}
     spade = gan.model_config(training_parser().parse_args(["--generator", "spade", "--discriminator", "patch"]),
                              CONIC, 128)
     assert not {"upsample", "dropout", "noise_inject", "num_d_scales"} & set(spade)
@@ -75,7 +75,7 @@ def test_old_model_configs_read_with_the_values_they_trained_with():
     oldest = config.fill_legacy({"ngf": 64, "ndf": 64, "norm": "batch", "dropout": True})
     assert oldest == {"ngf": 64, "ndf": 64, "norm": "batch", "dropout": True, "label_set": "pannuke",
                       "generator": "unet", "upsample": "transpose", "discriminator": "patch", "unet_depth": 8,
-                      "noise_dim": 0, "noise_inject": False, "d_spectral_norm": False}
+                      "noise_dim": 0, "noise_inject": False, "d_spectral_norm": False, "instance_edges": False}
     spade = config.fill_legacy({"generator": "spade", "discriminator": "oasis", "label_set": "conic"})
     assert "upsample" not in spade  # only a U-Net has an upsampling
     recorded = {"generator": "unet", "upsample": "resize", "discriminator": "multiscale", "label_set": "conic"}

@@ -477,8 +477,9 @@ def test_study_trains_the_chosen_generator_and_discriminator(spade_smoke, tiny_c
     reference, _ = load_segmenter(out / "reference" / "segmenter.pt", s.device)
     data = CoNIC(tiny_conic)
     classes = np.stack([data.classes(i) for i in range(4)])
+    instances = np.stack([data.instances(i) for i in range(4)])
     noisy = vivid_checkpoint(out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "spade.pt")
-    assert stages.sample_diversity(s, noisy, classes, reference)["mean_pairwise_feature_distance"] > 0
+    assert stages.sample_diversity(s, noisy, classes, instances, reference)["mean_pairwise_feature_distance"] > 0
 
 
 def test_reference_from_copies_the_judge_and_the_step_counts(smoke, spade_smoke):
@@ -561,8 +562,9 @@ def test_pix2pix_scores_zero_diversity(smoke, tiny_conic, tmp_path):
     reference, _ = load_segmenter(smoke.out / "reference" / "segmenter.pt", s.device)
     data = CoNIC(tiny_conic)
     classes = np.stack([data.classes(i) for i in range(4)])
+    instances = np.stack([data.instances(i) for i in range(4)])
     vivid = vivid_checkpoint(smoke.out / "k100" / "gan" / "checkpoints" / "last.pt", tmp_path / "unet.pt")
-    assert stages.sample_diversity(s, vivid, classes, reference)["mean_pairwise_feature_distance"] == 0
+    assert stages.sample_diversity(s, vivid, classes, instances, reference)["mean_pairwise_feature_distance"] == 0
 
 
 def test_learning_curve_reports_where_it_flattens():
