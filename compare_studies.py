@@ -3,15 +3,16 @@
     python compare_studies.py runs/study_combos/pix2pix runs/study_combos/spade_multiscale --out-dir runs/compare
 
 Prints one Markdown table, a row per study: the GAN (generator, upsampling,
-discriminator, noise, L1 weight), its parameters and speed, realism (C2ST accuracy
-and the domain Fréchet and kernel distances, each with its real-vs-real floor), mask fidelity,
-diversity, and the augmentation gain at the smallest labelled fraction. Writes the
+discriminator, and every other option that differs from its default), its parameters
+and speed, realism (the two C2STs, the domain Fréchet and kernel distances, precision
+and recall, each with its real-vs-real floor), mask fidelity, diversity, and at the
+smallest labelled fraction the augmentation gain and the train-on-synthetic ratio. Writes the
 table to OUT/compare.md and OUT/grid.png: the same held-out test masks (those with
 the most nuclei), as mask | real | each study's painting, in the table's order.
 
-The studies must share everything but the GAN (data, split, fractions, seeds,
-budget, segmenters) and one reference segmenter, the judge of realism and fidelity
-whose step counts every segmenter of a study follows: make the first study, then the
+The studies must share everything but the GAN and its --gan-seed (data, split,
+fractions, seeds, budget, segmenters) and one reference segmenter, the judge of
+realism and fidelity whose step counts every segmenter of a study follows: make the first study, then the
 others with `study.py --reference-from FIRST`. Otherwise the table would not compare
 like with like, and the script says what differs.
 """
@@ -66,7 +67,7 @@ def read_study(folder):
 def check_comparable(studies):
     """Only GAN_OPTIONS may differ between the studies, and one reference segmenter judged them all."""
     shared = [name for name in (*STUDY_OPTIONS, "data_dir")
-              if name not in (*GAN_OPTIONS, "reference_from")]
+              if name not in (*GAN_OPTIONS, "gan_seed", "reference_from")]
     first, (base, _) = studies[0]
     for folder, (options, _) in studies[1:]:
         differ = [f"{name} {base[name]} in {first}, {options[name]} in {folder}" for name in shared
@@ -87,6 +88,11 @@ def c2st_cell(side, name):
     return fmt(side.get(name) and side[name]["accuracy"])
 
 
+def interval(score):
+    """' [lo, hi]', a score's 95% interval, or '' where the study has none."""
+    return f" [{fmt(score['ci95'][0])}, {fmt(score['ci95'][1])}]" if score and score.get("ci95") else ""
+
+
 def row(folder, options, metrics):
     """The table's cells for one study."""
     realism, k_small = metrics["realism"], f"{min(options['fractions']):g}"
@@ -96,24 +102,29 @@ def row(folder, options, metrics):
     fidelity = realism["mask_fidelity"]
     diversity = realism.get("diversity", {}).get("mean_pairwise_feature_distance")
     speed = realism.get("tiles_per_second")
-    gain = metrics["augmentation"][k_small]["summary"]["nuclei_dice"]["difference"]
-    return [folder.name, describe(options), f"{counts['generator'] / 1e6:.2f}M / {counts['discriminator'] / 1e6:.2f}M",
+    usefulness = metrics["augmentation"][k_small]["summary"]["nuclei_dice"]
+    prdc, floor_prdc = synthetic.get("prdc", {}), floor.get("prdc", {})
+    name = describe(options) + ("" if options["gan_seed"] is None else f", --gan-seed {options['gan_seed']}")
+    return [folder.name, name, f"{counts['generator'] / 1e6:.2f}M / {counts['discriminator'] / 1e6:.2f}M",
             str(gan["steps"]), f"{gan['steps'] / gan['train_seconds']:.2f}", fmt(speed, 1),
-            f"{c2st_cell(synthetic, 'feature_c2st')} ({c2st_cell(floor, 'feature_c2st')})",
+            f"{c2st_cell(synthetic, 'feature_c2st')}{interval(synthetic.get('feature_c2st'))} "
+            f"({c2st_cell(floor, 'feature_c2st')})",
             f"{fmt(synthetic['c2st']['accuracy'])} ({fmt(floor['c2st']['accuracy'])})",
             f"{fmt(synthetic['domain_frechet_distance'], 2)} ({fmt(floor['domain_frechet_distance'], 2)})",
             f"{fmt(synthetic['domain_kernel_distance']['mean'], 4)} ({fmt(floor['domain_kernel_distance']['mean'], 4)})",
+            f"{fmt(prdc.get('precision'))} / {fmt(prdc.get('recall'))} "
+            f"({fmt(floor_prdc.get('precision'))} / {fmt(floor_prdc.get('recall'))})",
             f"{fmt(fidelity['synthetic']['dice']['Nuclei'])} ({fmt(fidelity['ratio']['nuclei_dice'], 2)})",
-            fmt(diversity), pm(gain, signed=True)]
+            fmt(diversity), pm(usefulness["difference"], signed=True), fmt(usefulness.get("tstr_ratio"), 2)]
 
 
 def markdown_table(studies):
     k_big, k_small = (f"{f(studies[0][1][0]['fractions']):g}" for f in (max, min))
     header = ["study", "GAN", "parameters G / D", f"GAN steps (k={k_big}%)", "GAN steps/s", "painted tiles/s",
               "C2ST in features (floor)", "C2ST on pixels (floor)", "domain Fréchet distance (floor)",
-              "domain kernel distance (floor)",
+              "domain kernel distance (floor)", "precision / recall (floor)",
               "nucleus Dice on synthetic (ratio to real)",
-              "diversity", f"nucleus Dice gain at k={k_small}%"]
+              "diversity", f"nucleus Dice gain at k={k_small}%", f"TSTR ratio at k={k_small}%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row(folder, *record)) + " |" for folder, record in studies]
     return "\n".join(lines)

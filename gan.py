@@ -66,14 +66,18 @@ def check_model_config(model_cfg):
                         f"dropout)")
 
 
+# Optimisation options that change what paints, so a GAN's name shows them.
+PAINTING_OPTIONS = ("ema_half_life",)
+
+
 def describe(options):
     """A short name for the GAN that options (a run's, a study's or a model config, by name) describe:
     its generator and discriminator, then every other networks or losses option recorded there
-    that differs from its default, as its flag."""
+    that differs from its default, and the PAINTING_OPTIONS that do, as their flags."""
     name = options["generator"] + (f" ({options['upsample']})" if options["generator"] == "unet" else "")
     name += f" + {options['discriminator']}"
-    shown = [o for o in GAN_OPTIONS if o.group != "optimisation" and o.name in options and o.applies(options)
-             and o.name not in ("generator", "upsample", "discriminator", "ngf", "ndf")]
+    shown = [o for o in GAN_OPTIONS if (o.group != "optimisation" or o.name in PAINTING_OPTIONS) and o.name in options
+             and o.applies(options) and o.name not in ("generator", "upsample", "discriminator", "ngf", "ndf")]
     return ", ".join([name] + [flag_text(o.name, options[o.name]) for o in shown
                                if as_value(options[o.name]) != o.default])
 

@@ -20,7 +20,8 @@ FULL = dict(budget_minutes=30.0, ngf=64, ndf=64, segmenter_width=32, segmenter_b
 # takes every GAN option the training scripts take (config.GAN_OPTIONS), with narrower networks by default.
 GAN_OPTIONS = tuple(option.name for option in config.GAN_OPTIONS)
 GAN_DEFAULTS = {"ngf": STUDY_GAN_WIDTH, "ndf": STUDY_GAN_WIDTH}
-STUDY_OPTIONS = ("fractions", "seeds", "seed", "test_fraction", "budget_minutes", *GAN_OPTIONS, "segmenter_steps",
+STUDY_OPTIONS = ("fractions", "seeds", "seed", "gan_seed", "test_fraction", "budget_minutes", *GAN_OPTIONS,
+                 "segmenter_steps",
                  "learning_curve", "segmenter_width",
                  "segmenter_batch_size", "synthetic", "layouts_per_tile", "rare_class_weight", "c2st_epochs",
                  "reference_from")
@@ -50,6 +51,9 @@ def parser(doc=""):
                    help="labelled fractions k, in percent of the training split")
     g.add_argument("--seeds", type=int, default=STUDY_SEEDS,
                    help="segmenter seeds (--seed, --seed + 1, ...) per fraction and pool; mean and sd are over them")
+    g.add_argument("--gan-seed", type=int, default=None,
+                   help="seed of the GAN's training (its weights, data order and augmentation; default: --seed); "
+                        "studies that differ only in it show how far a GAN's scores move between training runs")
     g.add_argument("--synthetic", default="ab", choices=["a", "b", "ab"],
                    help="synthetic tiles added to the real ones: (a) the labelled masks repainted, (b) new layouts")
     g.add_argument("--layouts-per-tile", type=float, default=STUDY_LAYOUTS_PER_TILE,
@@ -111,9 +115,13 @@ def study_options(args):
     return options
 
 
+# Study options newer than some studies, at the values those studies ran with.
+STUDY_LEGACY = {"gan_seed": None}
+
+
 def recorded_study_options(options):
-    """A study's recorded options, with GAN options newer than the study at the values it trained with."""
-    return config.fill_legacy(options, model=False)
+    """A study's recorded options, with options newer than the study at the values it ran with."""
+    return config.fill_legacy(STUDY_LEGACY | options, model=False)
 
 
 def recorded_options(record):

@@ -316,6 +316,10 @@ def checkpoint_progress(path):
     return ckpt["epoch"], ckpt["step"]
 
 
+def gan_seed(args):
+    return args.seed if args.gan_seed is None else args.gan_seed
+
+
 def gan_run_config(study, k, epochs):
     """The settled config of the k% GAN's run to `epochs`: train_conic.py's defaults with the study's data,
     split, GAN options and device, resuming from the run's last.pt when there is one."""
@@ -325,7 +329,7 @@ def gan_run_config(study, k, epochs):
     return config.RunConfig(**{
         **vars(defaults), **{name: getattr(args, name) for name in GAN_OPTIONS},
         "data_dir": str(args.data_dir), "split_file": str(study.kdir(k) / "split.csv"), "out_dir": out_dir,
-        "label_set": CONIC.name, "epochs": epochs, "seed": args.seed, "wandb": "disabled", "save_every": 0,
+        "label_set": CONIC.name, "epochs": epochs, "seed": gan_seed(args), "wandb": "disabled", "save_every": 0,
         "num_samples": STUDY_GAN_SAMPLES, "device": args.device, "precision": args.precision,
         "workers": args.workers, "channels_last": args.channels_last, "compile": args.compile,
         "resume": str(last) if last.is_file() else None})

@@ -454,21 +454,25 @@ def test_smoke_study_on_lizard_128(run_script, tmp_path):
 
 @pytest.fixture(scope="module")
 def spade_smoke(smoke, tiny_conic, tmp_path_factory, run_script):
-    """The smoke study with another GAN (SPADE + noise + OASIS), otherwise the same options and its reference."""
+    """The smoke study with another GAN (SPADE + noise + OASIS) trained from another seed, otherwise the
+    same options and its reference."""
     out = tmp_path_factory.mktemp("study") / "spade"
     argv = smoke_argv(tiny_conic, out, *SMOKE_EXTRA, "--generator", "spade", "--discriminator", "oasis",
-                      "--noise-dim", "4", "--reference-from", smoke.out)
+                      "--noise-dim", "4", "--gan-seed", "7", "--reference-from", smoke.out)
     result = run_script("study.py", *argv, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
-def test_study_trains_the_chosen_generator_and_discriminator(spade_smoke, tiny_conic, tmp_path):
+def test_study_trains_the_chosen_generator_and_discriminator(smoke, spade_smoke, tiny_conic, tmp_path):
     """--generator/--discriminator/--noise-dim reach the GANs the study trains, so
-    the study can compare combinations at equal budget."""
+    the study can compare combinations at equal budget; --gan-seed seeds the GAN alone."""
     out = spade_smoke
-    model = torch.load(out / "k100" / "gan" / "checkpoints" / "last.pt", weights_only=True)["model_config"]
+    ckpt = torch.load(out / "k100" / "gan" / "checkpoints" / "last.pt", weights_only=True)
+    model = ckpt["model_config"]
     assert (model["generator"], model["discriminator"], model["noise_dim"]) == ("spade", "oasis", 4)
+    assert ckpt["config"]["seed"] == 7 and smoke.metrics["options"]["seed"] == 42
+    assert (out / "split.csv").read_text() == (smoke.out / "split.csv").read_text()
     assert json.loads((out / ".run.json").read_text())["options"]["generator"] == "spade"
     assert json.loads((out / "metrics.json").read_text())["realism"]["diversity"]["samples_per_mask"] == 3
     # A smoke GAN paints every tile the same grey in uint8; with PyTorch's default init
@@ -513,12 +517,14 @@ def test_compare_studies_tables_and_grids_two_gans(smoke, spade_smoke, run_scrip
     lines = (out / "compare.md").read_text().splitlines()
     rows = [line.split(" | ") for line in lines if line.startswith(("| S |", "| spade |"))]
     assert [r[1] for r in rows] == ["unet (transpose) + patch, --l1-lambda 50",
-                                    "spade + oasis, --noise-dim 4, --l1-lambda 50"]
+                                    "spade + oasis, --noise-dim 4, --l1-lambda 50, --gan-seed 7"]
     spade = json.loads((spade_smoke / "metrics.json").read_text())
     assert rows[1][3] == str(spade["gan"]["100"]["steps"])
     assert rows[1][2] == "{generator:.2f}M / {discriminator:.2f}M".format(
         **{k: v / 1e6 for k, v in spade["gan"]["100"]["parameters"].items()})
-    assert "| nucleus Dice gain at k=50% |" in lines[2] and "grid.png: mask | real | S | spade" in lines[-1]
+    assert "| nucleus Dice gain at k=50% | TSTR ratio at k=50% |" in lines[2]
+    assert "grid.png: mask | real | S | spade" in lines[-1]
+    assert rows[1][-1] == "{:.2f} |".format(spade["augmentation"]["50"]["summary"]["nuclei_dice"]["tstr_ratio"])
     assert lines[2] in result.stdout
     tile, gap = 64, 4  # rows of mask | real | one painting per study
     assert np.asarray(Image.open(out / "grid.png")).shape == (3 * tile + 2 * gap, 4 * tile + 3 * gap, 3)
