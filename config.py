@@ -19,6 +19,10 @@ BETAS = (0.5, 0.999)
 L1_LAMBDA = 75.0
 REAL_LABEL_RANGE = (0.7, 1.2)   # positive labels for D drawn uniformly from this range
 FAKE_LABEL_RANGE = (0.0, 0.3)   # negative labels for D drawn uniformly from this range
+# Painting with a moving average of G's weights: on lizard_128 at 15 CPU minutes it turned a collapsed
+# default (feature C2ST 0.996, domain Frechet distance 69.6) into 0.804 and 10.3 (docs/results.md,
+# "The realism recipe").
+EMA_HALF_LIFE = 10_000          # training images (stylegan2's ema_kimg 10)
 
 # Networks: pix2pix's U-Net, with the resize upsampling and multiscale discriminator that the equal-budget
 # study chose (docs/results.md "Which GAN?"); --upsample transpose --discriminator patch is the original pix2pix.
@@ -273,7 +277,7 @@ GAN_OPTIONS = (
     GanOption("beta2", BETAS[1], group="optimisation", minimum=0, below=1, help="Adam beta2"),
     GanOption("scale_lr", False, group="optimisation",
               help="multiply the learning rate by the world size (linear scaling under DDP)"),
-    GanOption("ema_half_life", 0, group="optimisation", minimum=0, legacy=0,
+    GanOption("ema_half_life", EMA_HALF_LIFE, group="optimisation", minimum=0, legacy=0,
               help="paint with an exponential moving average of G's weights whose half-life is this many training "
                    "images (stylegan2's ema_kimg x 1000): sample grids, test.py and study.py then use it "
                    "(test.py --no-ema: the raw G); 0 = off"),

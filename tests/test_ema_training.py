@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from test_training import assert_same, assert_same_training_state
 
+import config
 from gan import load_generator
 
 CKPT = "checkpoints/last.pt"
@@ -40,9 +41,12 @@ def test_the_checkpoint_carries_an_average_that_trails_the_generator(ema_run):
     assert stats and any(not torch.equal(average[k], raw[k]) for k in stats)
 
 
-def test_without_the_flag_there_is_no_average(tmp_path, pannuke_folds, train_in_process):
-    train_in_process(train_in_process.argv(pannuke_folds, tmp_path, **dict(RUN, epochs=1)))
-    assert "generator_ema" not in load(tmp_path / CKPT)
+def test_the_average_is_on_by_default_and_half_life_0_turns_it_off(tmp_path, pannuke_folds, train_in_process):
+    train_in_process(train_in_process.argv(pannuke_folds, tmp_path / "default", **dict(RUN, epochs=1)))
+    assert load(tmp_path / "default" / CKPT)["config"]["ema_half_life"] == config.EMA_HALF_LIFE > 0
+    assert "generator_ema" in load(tmp_path / "default" / CKPT)
+    train_in_process(train_in_process.argv(pannuke_folds, tmp_path / "off", "--ema-half-life", 0, **dict(RUN, epochs=1)))
+    assert "generator_ema" not in load(tmp_path / "off" / CKPT)
 
 
 def test_resumed_average_equals_uninterrupted(tmp_path, pannuke_folds, train_in_process, ema_run):
