@@ -146,6 +146,7 @@ def claim_outputs(args, options, info, held):
                  continue_hint="give the same options and checkpoint to continue it")
     for flag, folder in folders.items():  # every folder checked before any is claimed
         RunFolder.check(folder, flag=flag, **claim)
+    barrier()  # under torchrun, rank 0's claim must not meet another rank's check (which it would refuse)
     for flag, folder in folders.items():
         held.enter_context(claim_folder(info, folder, flag=flag, **claim))
 
